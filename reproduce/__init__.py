@@ -1,0 +1,1 @@
+"""Scripts that replay the paper's experiments and time the package."""

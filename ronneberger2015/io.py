@@ -1,0 +1,115 @@
+"""Reading and writing images, stacks and run files; every write is atomic.
+
+Images come in as TIFF (one page, or a stack of pages) or PNG and leave as
+float32 TIFF, one page per slice, the ISBI 2012 submission format. Every file
+is first written under a temporary name in its target folder and then renamed
+over the target, so a run that is killed never leaves a half-written file and
+never destroys the previous good copy.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import tifffile
+from skimage import io as skio
+
+__all__ = [
+    "atomic_path",
+    "read_image",
+    "write_tiff",
+    "write_json",
+    "save_figure",
+    "image_to_float",
+]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
+
+    On any exception the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a TIFF (2D page or multi-page stack) or a PNG as a numpy array.
+
+    Returns (H, W) for a single image and (Z, H, W) for a stack; colour PNGs
+    are rejected rather than silently converted. Raises ``FileNotFoundError``
+    for a missing file and ``ValueError`` naming the file for one that cannot
+    be decoded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix not in (".tif", ".tiff", ".png"):
+        raise ValueError(f"{path}: unsupported file type {suffix!r}; use .tif, .tiff or .png")
+    try:
+        array = tifffile.imread(path) if suffix != ".png" else skio.imread(path)
+    except Exception as error:  # decoders raise many types for a corrupt file
+        raise ValueError(f"{path}: cannot be read as an image ({error}); is the file complete?") from error
+    if suffix == ".png" and array.ndim == 3:
+        raise ValueError(f"{path}: a colour PNG of shape {array.shape}; save it as a single-channel grey image")
+    if array.ndim not in (2, 3):
+        raise ValueError(f"{path}: expected a 2D image or a stack of 2D slices, got shape {array.shape}")
+    return array
+
+
+def write_tiff(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write ``array`` ((H, W) or (Z, H, W)) atomically as a TIFF, one page per slice."""
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, np.asarray(array), photometric="minisblack")
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` atomically as indented JSON."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_figure(figure, path: str | os.PathLike, **kwargs) -> None:
+    """Save a matplotlib figure atomically (format from ``path``'s suffix)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kwargs)
+
+
+def image_to_float(image: np.ndarray) -> np.ndarray:
+    """Return the image as float32 in [0, 1], as the authors' release does (``im2double``).
+
+    uint8 is divided by 255 and uint16 by 65535; a float image must already lie
+    in [0, 1] and contain no NaN. Nothing is rescaled per image.
+    """
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    if image.dtype == np.uint16:
+        return image.astype(np.float32) / 65535.0
+    if image.dtype == bool or not np.issubdtype(image.dtype, np.floating):
+        raise ValueError(f"image dtype {image.dtype} is not supported; give uint8, uint16 or float in [0, 1]")
+    image = image.astype(np.float32)
+    if not np.isfinite(image).all():
+        raise ValueError("image contains NaN or infinite values; clean or mask them before segmenting")
+    if image.size and (image.min() < 0.0 or image.max() > 1.0):
+        raise ValueError(
+            f"float image values span [{image.min():.3g}, {image.max():.3g}], not [0, 1]; "
+            "rescale it (e.g. divide by its maximum) or pass the original integer image"
+        )
+    return image
