@@ -1,0 +1,349 @@
+"""Overlap-tile prediction with mirror padding (Fig. 2) and test-time augmentation (Sec. 4).
+
+Fig. 2: "Overlap-tile strategy for seamless segmentation of arbitrary large
+images ... Missing input data is extrapolated by mirroring." The image is
+mirrored at its edges by the network's border (92 px at depth 4) and cut into
+input tiles of side ``tile + 2 * border``; their output tiles of side ``tile``
+cover the image exactly. Every tile starts at a multiple of 2**depth, on the
+pooling grid of one forward pass over the whole padded image, so the tiled
+result equals that pass: seamless to rounding, not just to the eye.
+
+Sec. 4 averages the ISBI prediction "over 7 rotated versions of the input
+data"; ``tta=True`` averages over the 8 rotations and flips of each tile.
+
+Command line: ``python -m ronneberger2015 predict IMAGE -o OUT --checkpoint CKPT``.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import math
+import numbers
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .io import image_to_float, load_checkpoint, read_image, write_tiff
+from .network import UNet, input_size, output_size
+
+__all__ = ["predict", "load_model", "cli", "DEFAULT_MEMORY_BUDGET", "DIHEDRAL"]
+
+DEFAULT_MEMORY_BUDGET = 2 * 2**30
+"""Bytes of activations one forward pass may hold when ``tile`` or ``batch_size`` is not given."""
+
+ACTIVATION_MAPS = 6
+"""Peak live activations of a forward pass, in feature maps of ``base_channels`` channels at the
+input tile's size: the first expansive level holds the skip (1), the up-convolution (1), their
+concatenation (2) and a convolution output (1); one more for workspace."""
+
+BYTES = {"fp32": 4, "bf16": 2}
+"""Bytes per activation for each ``precision`` (bf16: autocast on the model's convolutions)."""
+
+DIHEDRAL = tuple((turns, flip) for turns in range(4) for flip in (False, True))
+"""The 8 symmetries of the square: ``turns`` quarter turns, then a left-right flip or not."""
+
+
+def _cover(size: int, depth: int) -> int:
+    """The smallest valid output side that is at least ``size``."""
+    return output_size(input_size(size, depth), depth)
+
+
+def _output_tile(side, depth: int, border: int) -> int:
+    """``side`` if it is a usable output tile side; else a ValueError naming the valid ones near it."""
+    period = 2**depth
+    if isinstance(side, bool) or not isinstance(side, numbers.Integral) or side < period:
+        raise ValueError(f"tile sides must be integers >= 2**depth = {period} "
+                         f"(tiles start on the pooling grid), got {side!r}")
+    try:
+        output_size(int(side) + 2 * border, depth)
+    except ValueError as error:
+        below = next((t for t in range(side - 1, period - 1, -1) if _cover(t, depth) == t), None)
+        near = " and ".join(str(t) for t in (below, _cover(side, depth)) if t)
+        raise ValueError(f"tile {side} is not a valid output tile of a depth-{depth} U-Net; "
+                         f"valid output tiles near {side}: {near} ({error})") from None
+    return int(side)
+
+
+def _largest_tile(depth: int, border: int, pixel_bytes: int, budget: int) -> int:
+    """The largest valid square output tile whose forward pass fits ``budget`` bytes."""
+    tile = math.isqrt(budget // pixel_bytes) - 2 * border
+    while tile >= 2**depth and _cover(tile, depth) != tile:
+        tile -= 1
+    if tile < 2**depth:
+        raise ValueError(f"memory_budget {budget} bytes does not hold one tile's forward pass; raise it or give tile=")
+    return tile
+
+
+def _spans(size: int, tile: int, period: int) -> tuple[list[tuple[int, int, int]], int]:
+    """Tiles along one axis, as (start, first, end): the tile's output begins at ``start`` and it
+    writes rows [first, end); and how far the last tile reaches beyond the image.
+
+    Starts are multiples of ``period``: tiles step by the largest multiple of
+    it within ``tile``, and the last starts at the first multiple at or after
+    ``size - tile``, so it overhangs the image by less than ``period``.
+    """
+    step = tile - tile % period
+    count = 1 if size <= tile else 1 + -(-(size - tile) // step)
+    spans = [(i * step, i * step, (i + 1) * step) for i in range(count - 1)]
+    last = -(-max(size - tile, 0) // period) * period
+    spans.append((last, (count - 1) * step, size))
+    return spans, last + tile - size
+
+
+def _as_stack(image, in_channels: int) -> tuple[np.ndarray, bool]:
+    """The image as a (Z, C, H, W) float32 stack in [0, 1], and whether it was a single image."""
+    image = np.asarray(image)
+    layouts = "(H, W) or (Z, H, W)" if in_channels == 1 else f"({in_channels}, H, W) or (Z, {in_channels}, H, W)"
+    if image.ndim == 4:
+        stack, single = image, False
+    elif image.ndim == 3:
+        stack, single = (image[:, None], False) if in_channels == 1 else (image[None], True)
+    elif image.ndim == 2:
+        stack, single = image[None, None], True
+    else:
+        raise ValueError(f"expected an image of shape {layouts}, got shape {image.shape}")
+    if stack.shape[1] != in_channels:
+        raise ValueError(f"the image (shape {image.shape}) has {stack.shape[1]} channel(s) but the model "
+                         f"takes {in_channels}; give {layouts}")
+    if min(stack.shape[-2:]) < 1:
+        raise ValueError(f"the image is empty (shape {image.shape})")
+    return image_to_float(stack), single
+
+
+def _tiles(stack: np.ndarray, rows: list, cols: list, window: tuple[int, int], border: int,
+           overhang: tuple[int, int]) -> Iterator[tuple]:
+    """(z, row span, column span, input window) for every tile of every slice, slice by slice.
+
+    Each slice is mirrored once (numpy ``reflect``) by ``border`` on every
+    side, plus the last tiles' ``overhang`` at the bottom and right edges.
+    """
+    for z, image in enumerate(stack):
+        pad = ((0, 0), (border, border + overhang[0]), (border, border + overhang[1]))
+        canvas = np.pad(image, pad, mode="reflect")
+        for row, col in itertools.product(rows, cols):
+            yield z, row, col, canvas[:, row[0] : row[0] + window[0], col[0] : col[0] + window[1]]
+
+
+def _dihedral(x: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
+    """``turns`` quarter turns of the last two axes, then a left-right flip if ``flip``."""
+    x = torch.rot90(x, turns, dims=(-2, -1))
+    return x.flip(-1) if flip else x
+
+
+def _undo(x: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
+    """The inverse of ``_dihedral(x, turns, flip)``."""
+    return torch.rot90(x.flip(-1) if flip else x, -turns, dims=(-2, -1))
+
+
+def _probabilities(model: nn.Module, tiles: torch.Tensor, transforms: Sequence[tuple[int, bool]],
+                   chunk: int, bf16: bool) -> torch.Tensor:
+    """Soft-max probabilities of a batch of input tiles, averaged over ``transforms``.
+
+    The transformed copies of all tiles run together, ``chunk`` per forward
+    pass; copies of one shape (a quarter turn swaps a non-square tile's sides)
+    share passes. Each output is transformed back before the average.
+    """
+    groups: dict[torch.Size, list] = {}
+    for transform in transforms:
+        view = _dihedral(tiles, *transform)
+        groups.setdefault(view.shape, []).append((transform, view))
+    outputs = []
+    for members in groups.values():
+        probabilities = []
+        for part in torch.cat([view for _, view in members]).split(chunk):
+            with torch.autocast(part.device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(part)
+            probabilities.append(torch.softmax(logits.float(), dim=1))
+        for (transform, _), p in zip(members, torch.cat(probabilities).split(len(tiles))):
+            outputs.append(_undo(p, *transform))
+    return torch.stack(outputs).mean(dim=0)
+
+
+def _batched(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def _write(result: np.ndarray, probabilities: torch.Tensor, spans: list, done, bar: tqdm) -> None:
+    """Copy each tile's own rows and columns of ``probabilities`` into ``result``, once ``done``."""
+    if done is not None:
+        done.synchronize()
+    for p, (z, (top, first_row, end_row), (left, first_col, end_col)) in zip(probabilities.numpy(), spans):
+        result[z, :, first_row:end_row, first_col:end_col] = \
+            p[:, first_row - top : end_row - top, first_col - left : end_col - left]
+    bar.update(len(spans))
+
+
+def _run(model: nn.Module, batches: Iterable[list], result: np.ndarray, forward, window: tuple[int, int],
+         tile: tuple[int, int], per_batch: int, device: torch.device, bar: tqdm) -> None:
+    """Run batches of ``_tiles`` items through ``forward``, writing each output tile into ``result``.
+
+    Two host buffers each way, reused (pinned on CUDA, copies asynchronous):
+    the next batch is cut and the previous one written while the device works.
+    """
+    pinned = device.type == "cuda"
+    buffers = [(torch.empty((per_batch, model.in_channels, *window), pin_memory=pinned),
+                torch.empty((per_batch, model.num_classes, *tile), pin_memory=pinned)) for _ in range(2)]
+    pending = None
+    for index, batch in enumerate(batches):
+        host_in, host_out = (buffer[: len(batch)] for buffer in buffers[index % 2])
+        for slot, (*_, window_view) in zip(host_in.numpy(), batch):
+            slot[...] = window_view
+        host_out.copy_(forward(host_in.to(device, non_blocking=pinned)), non_blocking=pinned)
+        done = torch.cuda.Event() if pinned else None
+        if done is not None:
+            done.record()
+        if pending is not None:
+            _write(result, *pending, bar)
+        pending = (host_out, [item[:3] for item in batch], done)
+    if pending is not None:
+        _write(result, *pending, bar)
+
+
+def predict(
+    model: UNet,
+    image: np.ndarray,
+    *,
+    tile: int | tuple[int, int] | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    tta: bool = False,
+    precision: str = "fp32",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: bool = False,
+) -> np.ndarray:
+    """Soft-max probabilities of ``model`` for an image or a stack, by overlap-tile (Fig. 2).
+
+    Args:
+        model: a ``UNet``. It is moved to ``device`` (in place, as
+            ``Module.to``) and run in eval mode; its training flag is restored.
+        image: (H, W) or a stack (Z, H, W) for a single-channel model; for
+            ``in_channels`` C > 1, (C, H, W) or (Z, C, H, W) (a 4-D array is
+            always a stack). uint8, uint16, or float in [0, 1] (no NaN).
+        tile: output tile side, or (height, width): a valid output side of the
+            network (388 and 516 at depth 4), at least 2**depth. Default: the
+            largest square tile whose forward pass fits ``memory_budget``. A
+            side larger than the image shrinks to the smallest valid side that
+            covers it (same result, less work).
+        batch_size: network inputs per forward pass, each TTA copy counting
+            as one; tiles of all slices are batched together. Default: 1 on
+            the CPU (larger batches run slower there), else as many as fit
+            ``memory_budget``.
+        device: where the network runs; default: where the model's weights are.
+        tta: average the soft-max probabilities over the 8 rotations and
+            flips of each input tile (``DIHEDRAL``), each output turned back;
+            the paper (Sec. 4) averaged "over 7 rotated versions".
+        precision: "fp32", or "bf16" (autocast; probabilities are float32).
+        memory_budget: bytes of activations one forward pass may hold, as
+            estimated with ``ACTIVATION_MAPS``; it bounds the device memory
+            whatever the image size (the result itself lives in host memory).
+        progress: show a progress bar over tiles.
+
+    Returns:
+        float32 (K, H, W) for one image, (Z, K, H, W) for a stack; K =
+        ``model.num_classes``.
+
+    Mirroring (numpy ``reflect``: the edge pixel is not repeated) adds
+    ``model.border`` pixels on each side; where a side is shorter than that,
+    the reflection repeats, so the padding is periodic with period 2(n - 1)
+    (a row ``a b c`` continues ``b a b c b a b ...``; a 1-pixel side is
+    repeated). The last tile of a row or column may reach up to 2**depth - 1
+    pixels further, also mirrored; the image is never padded with zeros. Tiles
+    start on the pooling grid (multiples of 2**depth), so the result equals
+    one forward pass over the whole mirrored image.
+    """
+    if precision not in BYTES:
+        raise ValueError(f"precision must be one of {sorted(BYTES)}, got {precision!r}")
+    stack, single = _as_stack(image, model.in_channels)
+    depth, border = model.depth, model.border
+    pixel_bytes = ACTIVATION_MAPS * model.base_channels * BYTES[precision]
+    if tile is None:
+        tile = _largest_tile(depth, border, pixel_bytes, memory_budget)
+    sides = tuple(tile) if isinstance(tile, (tuple, list)) else (tile, tile)
+    if len(sides) != 2:
+        raise ValueError(f"tile must be one side or a (height, width) pair, got {tile!r}")
+    size = stack.shape[-2:]
+    tile = tuple(min(_output_tile(s, depth, border), _cover(n, depth)) for s, n in zip(sides, size))
+    window = tuple(t + 2 * border for t in tile)
+    (rows, below), (cols, right) = (_spans(n, t, 2**depth) for n, t in zip(size, tile))
+    weights = next(model.parameters(), None)
+    device = torch.device(device if device is not None else weights.device if weights is not None else "cpu")
+    if batch_size is None:  # one tile keeps a CPU busy; larger CPU batches measured slower
+        batch_size = 1 if device.type == "cpu" else max(1, memory_budget // (pixel_bytes * window[0] * window[1]))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    transforms = DIHEDRAL if tta else DIHEDRAL[:1]
+    count = len(stack) * len(rows) * len(cols)
+    per_batch = min(max(1, batch_size // len(transforms)), max(count, 1))
+
+    model.to(device)
+    result = np.empty((len(stack), model.num_classes, *size), dtype=np.float32)
+    batches = _batched(_tiles(stack, rows, cols, window, border, (below, right)), per_batch)
+    forward = functools.partial(_probabilities, model, transforms=transforms, chunk=batch_size,
+                                bf16=precision == "bf16")
+    training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), tqdm(total=count, unit="tile", desc="predict", disable=not progress) as bar:
+            _run(model, batches, result, forward, window, tile, per_batch, device, bar)
+    finally:
+        model.train(training)
+    return result[0] if single else result
+
+
+def load_model(checkpoint, device: str | torch.device | None = None) -> UNet:
+    """The ``UNet`` a checkpoint describes, with its weights, in eval mode on ``device`` (default CPU).
+
+    A checkpoint is a dict saved by ``torch.save`` with ``"model"`` (the
+    state_dict) and ``"config"``, whose ``"network"`` entry holds the ``UNet``
+    keyword arguments (missing ones take their defaults). Raises
+    ``FileNotFoundError`` for a missing file and ``ValueError`` for one that
+    is not such a checkpoint.
+    """
+    state = load_checkpoint(checkpoint)
+    network = state["config"].get("network") if isinstance(state["config"], dict) else None
+    if not isinstance(network, dict):
+        raise ValueError(f"checkpoint {checkpoint} has no config['network'] (the UNet's keyword arguments)")
+    try:
+        model = UNet(**network)
+        model.load_state_dict(state["model"])
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"checkpoint {checkpoint}: its weights do not fit UNet(**{network}) ({error})") from error
+    return model.to(device or "cpu").eval()
+
+
+def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``python -m ronneberger2015 predict IMAGE -o OUT --checkpoint CKPT``."""
+    parser = argparse.ArgumentParser(prog=prog, description="Overlap-tile prediction (Fig. 2): a float32 TIFF "
+                                     "of cell-interior probabilities, one page per slice (the ISBI 2012 format).")
+    parser.add_argument("image", help="TIFF (page or stack) or PNG")
+    parser.add_argument("-o", "--output", required=True, help="output TIFF")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint written by training")
+    parser.add_argument("--tta", action="store_true", help="average over the 8 rotations and flips (Sec. 4)")
+    parser.add_argument("--tile", type=int, help="output tile side, e.g. 388 (default: the largest that fits memory)")
+    parser.add_argument("--batch-size", type=int,
+                        help="network inputs per forward pass (default: 1 on CPU, else what fits memory)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--precision", choices=sorted(BYTES), default="fp32", help="bf16: autocast (default: fp32)")
+    parser.add_argument("--membrane", action="store_true",
+                        help="write the membrane probability (class 0) instead of the cell interior (class 1)")
+    args = parser.parse_args(argv)
+
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:
+        raise ValueError(f"--device {args.device!r}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but CUDA is not available here")
+    model = load_model(args.checkpoint, device)
+    if model.num_classes < 2:
+        raise ValueError(f"the model has {model.num_classes} class(es); cell and membrane need 2")
+    probabilities = predict(model, read_image(args.image), tile=args.tile, batch_size=args.batch_size,
+                            device=device, tta=args.tta, precision=args.precision, progress=True)
+    write_tiff(args.output, probabilities[..., 0 if args.membrane else 1, :, :])
+    return 0
