@@ -1,0 +1,565 @@
+"""ISBI 2012 segmentation metrics (paper Sec. 4, Table 1), computed as the challenge did.
+
+Five numbers compare a probability map with the binary ground truth:
+
+* the challenge's 2015 ranking, the paper's Table 1: the warping error
+  (minimum splits and mergers, Jain et al. 2010; a minimum over thresholds),
+  the Rand error and the pixel error (each 1 - a maximal F-score);
+* its later ranking (Arganda-Carreras et al. 2015, Front. Neuroanat. 9:142):
+  V_rand and V_info after the proposal's borders are thinned to one pixel.
+
+Conventions shared by all five (docs/metrics.md gives the details):
+
+* ``proposal``: probabilities in [0, 1], 1 = cell interior (the submission
+  format; invert a membrane probability first); ``truth``: binary, nonzero =
+  cell interior. A 2D image is one slice; a (Z, H, W) stack is scored slice by
+  slice, never in 3D.
+* At a threshold ``th`` the proposal is binarised with the strict
+  ``proposal > th`` in double precision; the truth always with ``truth > 0``,
+  so a 0/1 float truth does not vanish at thresholds close to 1.
+* Thresholds follow the challenge's ``for (th = 0.0; th <= max; th += 0.1)`` in
+  doubles: 11 values up to 0.9999999999999999 (``SWEEP``), and 10 up to 0.9
+  for the warping error (``WARPING_SWEEP``, the paper's "10 different levels").
+* Objects are 4-connected; the background is 8-connected.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from scipy import ndimage
+from skimage.segmentation import watershed
+
+from .io import read_image
+
+__all__ = [
+    "Details",
+    "SIMPLE",
+    "SWEEP",
+    "WARPING_SWEEP",
+    "thresholds",
+    "pixel_error",
+    "rand_error",
+    "warping_error",
+    "vrand",
+    "vinfo",
+    "evaluate",
+    "METRICS",
+    "warp",
+    "topology_errors",
+    "thin",
+    "cli",
+]
+
+FOUR = ndimage.generate_binary_structure(2, 1)
+EIGHT = ndimage.generate_binary_structure(2, 2)
+# The 8 neighbours of a pixel as (dy, dx); bit k of a neighbourhood code is neighbour k.
+# The list is point-symmetric: neighbour 7 - k is the opposite of neighbour k.
+NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+FOUR_NEIGHBOURS = (1, 3, 4, 6)  # indices of the 4-neighbours in NEIGHBOURS
+
+
+def thresholds(stop: float, start: float = 0.0, step: float = 0.1) -> np.ndarray:
+    """The challenge's sweep ``for (th = start; th <= stop; th += step)``, accumulated in doubles."""
+    values = []
+    th = start
+    while th <= stop:
+        values.append(th)
+        th += step
+    return np.array(values)
+
+
+SWEEP = thresholds(1.0)
+WARPING_SWEEP = thresholds(0.9)
+
+
+@dataclass(frozen=True)
+class Details:
+    """One metric over its threshold sweep.
+
+    ``values[k]`` is the metric at ``thresholds[k]`` and ``per_slice[k, z]`` the
+    same for slice z alone; ``counts`` holds the terms behind them, each of shape
+    (thresholds, slices); ``best`` indexes the reported value.
+    """
+
+    thresholds: np.ndarray
+    values: np.ndarray
+    per_slice: np.ndarray
+    counts: dict[str, np.ndarray]
+    best: int
+
+    @property
+    def value(self) -> float:
+        return float(self.values[self.best])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.thresholds[self.best])
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+
+
+def _probabilities(proposal) -> np.ndarray:
+    """The proposal as float64 (the challenge compares in double precision), checked to lie in [0, 1]."""
+    proposal = np.asarray(proposal)
+    if proposal.dtype.kind not in "biuf":
+        raise ValueError(f"proposal dtype {proposal.dtype} is not numeric; pass probabilities in [0, 1]")
+    proposal = proposal.astype(np.float64)
+    if proposal.size == 0:
+        raise ValueError("proposal is empty")
+    if np.isnan(proposal).any():
+        raise ValueError("proposal contains NaN; pass finite probabilities in [0, 1]")
+    if proposal.max() > 1.0:
+        raise ValueError(
+            f"proposal values exceed 1 (max {proposal.max():g}): pass probabilities in [0, 1], "
+            "not logits or an 8-bit image (divide uint8 by 255)"
+        )
+    if proposal.min() < 0.0:
+        raise ValueError(
+            f"proposal has negative values (min {proposal.min():g}): pass probabilities in [0, 1] "
+            "(apply the soft-max), not logits"
+        )
+    return proposal
+
+
+def _prepare(proposal, truth) -> tuple[np.ndarray, np.ndarray]:
+    """(Z, H, W) float64 proposal and boolean cell interior of the truth, validated."""
+    proposal = _probabilities(proposal)
+    truth = np.asarray(truth)
+    if proposal.shape != truth.shape:
+        raise ValueError(f"proposal shape {proposal.shape} and truth shape {truth.shape} differ; pass one probability per truth pixel")
+    if proposal.ndim not in (2, 3):
+        raise ValueError(f"expected a 2D image or a (Z, H, W) stack, got shape {proposal.shape}")
+    if truth.dtype.kind not in "biuf":
+        raise ValueError(f"truth dtype {truth.dtype} is not numeric; pass a binary mask")
+    interior = truth[truth != 0]
+    if interior.size and not (interior.min() == interior.max() > 0):
+        raise ValueError(
+            "truth must be binary, 0 = membrane and one positive value = cell interior "
+            f"(found values in [{interior.min():g}, {interior.max():g}] besides 0); "
+            "for instance labels pass labels > 0"
+        )
+    if proposal.ndim == 2:
+        return proposal[None], truth[None] > 0
+    return proposal, truth > 0
+
+
+def _truth_objects(inside: np.ndarray) -> list[np.ndarray]:
+    """4-connected objects of each truth slice; every slice needs cell interior to score."""
+    empty = np.flatnonzero(~inside.any(axis=(1, 2)))
+    if empty.size:
+        raise ValueError(
+            f"truth slice {empty[0]} has no cell interior (nonzero) pixel: the foreground-restricted "
+            "scores are undefined there; check the label polarity (nonzero = cell interior)"
+        )
+    return [ndimage.label(mask, FOUR)[0] for mask in inside]
+
+
+def _sweep(sweep: np.ndarray, slices: int, measure: Callable[[int, float], tuple]) -> np.ndarray:
+    """``measure(z, th)`` for every threshold and slice, as an array (thresholds, slices, terms)."""
+    return np.array([[measure(z, th) for z in range(slices)] for th in sweep])
+
+
+def _report(details: Details, want_details: bool):
+    return (details.value, details) if want_details else details.value
+
+
+# ---------------------------------------------------------------------------
+# F-scores: pixel error, Rand error (Table 1) and V_rand, V_info (thinned)
+
+
+def _f_score(tp, fp, fn) -> np.ndarray:
+    """F = 2PR / (P + R) = 2TP / (2TP + FP + FN), elementwise; 1 where neither side has a positive."""
+    tp, fp, fn = (np.asarray(x, np.float64) for x in (tp, fp, fn))
+    total = 2 * tp + fp + fn
+    return np.divide(2 * tp, total, out=np.ones_like(total), where=total > 0)
+
+
+def _micro_error(sweep: np.ndarray, table: np.ndarray) -> Details:
+    """1 - F of TP, FP, FN summed over slices, at each threshold; the minimum is reported."""
+    tp, fp, fn = np.moveaxis(table, -1, 0)
+    values = 1.0 - _f_score(tp.sum(1), fp.sum(1), fn.sum(1))
+    counts = {"tp": tp, "fp": fp, "fn": fn}
+    return Details(sweep, values, 1.0 - _f_score(tp, fp, fn), counts, int(np.argmin(values)))
+
+
+def _macro_score(sweep: np.ndarray, per_slice: np.ndarray, counts: dict) -> Details:
+    """The per-slice scores averaged over slices, at each threshold; the maximum is reported."""
+    values = per_slice.mean(axis=1)
+    return Details(sweep, values, per_slice, counts, int(np.argmax(values)))
+
+
+def _overlap(objects: np.ndarray, segments: np.ndarray):
+    """Pixel counts over the truth's cell interior (label > 0).
+
+    Returns the joint counts N_ij of truth object i and proposal segment j >= 1,
+    the truth object sizes A_i, the proposal segment sizes B_j (j >= 1), and N_0,
+    the number of those pixels where the proposal has label 0.
+    """
+    inside = objects > 0
+    truth_ids, test_ids = objects[inside].astype(np.int64), segments[inside].astype(np.int64)
+    assigned = test_ids > 0
+    truth_ids, test_ids = truth_ids[assigned], test_ids[assigned]
+    joint = np.unique(truth_ids * (test_ids.max(initial=0) + 1) + test_ids, return_counts=True)[1]
+    truth_sizes = np.bincount(objects[inside])[1:]
+    test_sizes = np.bincount(test_ids)
+    return joint, truth_sizes, test_sizes[test_sizes > 0], int(inside.sum() - assigned.sum())
+
+
+def _rand_counts(joint, truth_sizes, test_sizes, singletons) -> tuple[int, int, int]:
+    """Foreground-restricted Rand TP, FP, FN in pixel pairs (self-pairs included), from ``_overlap``.
+
+    TP = sum_ij N_ij^2 + N_0, FP = sum_j B_j^2 + N_0 - TP, FN = sum_i A_i^2 - TP:
+    the challenge's n^2 sum p_ij^2 etc., where each proposal label-0 pixel is its
+    own segment (a singleton, hence + N_0).
+    """
+    tp = int(joint @ joint) + singletons
+    return tp, int(test_sizes @ test_sizes) + singletons - tp, int(truth_sizes @ truth_sizes) - tp
+
+
+def _information(joint, truth_sizes, test_sizes, singletons) -> tuple[float, float, float]:
+    """Entropies H(A), H(B) and mutual information I(A;B) in nats, from ``_overlap``.
+
+    A: truth objects, B: proposal segments, each proposal label-0 pixel a singleton
+    (Arganda-Carreras et al. 2015: sum_B = sum_j b_j ln b_j - P_0 ln n and
+    sum_AB = sum_ij p_ij ln p_ij - P_0 ln n).
+    """
+    n = int(truth_sizes.sum())
+
+    def sum_p_log_p(counts):
+        p = counts / n
+        return float(p @ np.log(p))
+
+    singleton_term = singletons / n * np.log(n)
+    sum_a = sum_p_log_p(truth_sizes)
+    sum_b = sum_p_log_p(test_sizes) - singleton_term
+    sum_ab = sum_p_log_p(joint) - singleton_term
+    return -sum_a, -sum_b, sum_ab - sum_a - sum_b
+
+
+def _information_f(h_a: np.ndarray, h_b: np.ndarray, info: np.ndarray) -> np.ndarray:
+    """F = 2PR / (P + R) with P = I / H(A), R = I / H(B), i.e. 2I / (H(A) + H(B)).
+
+    As in the challenge, P = 0 where H(A) = 0 and R = 0 where H(B) = 0, so F = 0
+    where exactly one side is a single segment; where both are, the two
+    partitions are identical and F = 1.
+    """
+    both = (h_a > 0) & (h_b > 0)
+    f = np.divide(2 * info, h_a + h_b, out=np.zeros_like(info), where=both)
+    f[(h_a == 0) & (h_b == 0)] = 1.0
+    return f
+
+
+def _segments(mask: np.ndarray) -> np.ndarray:
+    return ndimage.label(mask, FOUR)[0]
+
+
+def thin(mask: np.ndarray) -> np.ndarray:
+    """Segments of a binary proposal after border thinning (Arganda-Carreras et al. 2015).
+
+    The 4-connected components of ``mask`` are the basins; a 4-connected
+    watershed floods the borders (``~mask``) from them and leaves one-pixel dams,
+    labelled 0. Without a basin every pixel is 0.
+    """
+    return watershed(np.logical_not(mask).astype(np.uint8), _segments(mask), connectivity=1, watershed_line=True)
+
+
+def _pixel(proposal, inside) -> Details:
+    def counts(z, th):
+        test = proposal[z] > th
+        tp = np.count_nonzero(test & inside[z])
+        return tp, np.count_nonzero(test) - tp, np.count_nonzero(inside[z]) - tp
+
+    return _micro_error(SWEEP, _sweep(SWEEP, len(proposal), counts))
+
+
+def _rand(proposal, inside) -> Details:
+    objects = _truth_objects(inside)
+
+    def counts(z, th):
+        return _rand_counts(*_overlap(objects[z], _segments(proposal[z] > th)))
+
+    return _micro_error(SWEEP, _sweep(SWEEP, len(proposal), counts))
+
+
+def _thinned(proposal, inside) -> tuple[Details, Details]:
+    """V_rand and V_info from one thinning per threshold and slice."""
+    objects = _truth_objects(inside)
+
+    def terms(z, th):
+        overlap = _overlap(objects[z], thin(proposal[z] > th))
+        return _rand_counts(*overlap) + _information(*overlap)
+
+    tp, fp, fn, h_a, h_b, info = np.moveaxis(_sweep(SWEEP, len(proposal), terms), -1, 0)
+    return (
+        _macro_score(SWEEP, _f_score(tp, fp, fn), {"tp": tp, "fp": fp, "fn": fn}),
+        _macro_score(SWEEP, _information_f(h_a, h_b, info), {"h_truth": h_a, "h_proposal": h_b, "mutual": info}),
+    )
+
+
+def pixel_error(proposal, truth, *, details: bool = False):
+    """Pixel error of Table 1: 1 - maximal F-score of the pixel classification.
+
+    Cell interior is the positive class (truth > 0 against proposal > th); TP,
+    FP and FN are summed over slices before the F-score; thresholds ``SWEEP``.
+    With ``details`` returns ``(value, Details)``; counts "tp", "fp", "fn" in pixels.
+    """
+    return _report(_pixel(*_prepare(proposal, truth)), details)
+
+
+def rand_error(proposal, truth, *, details: bool = False):
+    """Rand error of Table 1: 1 - maximal F-score of the foreground-restricted Rand index.
+
+    Pairs of pixels are counted over the truth's cell interior only; truth
+    objects and proposal segments are the 4-connected components, and a proposal
+    background pixel is a segment of its own (see ``_rand_counts``). TP, FP and
+    FN are summed over slices; thresholds ``SWEEP``; no thinning. With
+    ``details`` returns ``(value, Details)``; counts "tp", "fp", "fn" in pixel pairs.
+    """
+    return _report(_rand(*_prepare(proposal, truth)), details)
+
+
+def vrand(proposal, truth, *, details: bool = False):
+    """V_rand (thinned), the later ISBI 2012 ranking: maximal foreground-restricted Rand F-score.
+
+    As ``rand_error`` but the proposal's segments come from ``thin`` (its
+    one-pixel dams are singletons), and the F-score is taken per slice and
+    averaged over slices before the maximum over ``SWEEP``. Higher is better;
+    with ``details`` returns ``(value, Details)``; counts "tp", "fp", "fn".
+    """
+    return _report(_thinned(*_prepare(proposal, truth))[0], details)
+
+
+def vinfo(proposal, truth, *, details: bool = False):
+    """V_info (thinned), the later ISBI 2012 ranking: maximal information-theoretic F-score.
+
+    Segments as in ``vrand``; per slice F = 2I / (H(A) + H(B)) over the truth's
+    cell interior (see ``_information_f`` for the edge cases), averaged over
+    slices, maximum over ``SWEEP``. Higher is better; with ``details`` returns
+    ``(value, Details)``; counts "h_truth", "h_proposal", "mutual" in nats.
+    """
+    return _report(_thinned(*_prepare(proposal, truth))[1], details)
+
+
+# ---------------------------------------------------------------------------
+# Warping error (Jain et al. 2010)
+
+
+def _neighbour_codes(mask: np.ndarray) -> np.ndarray:
+    """Per pixel, the 8-bit code of its foreground neighbours (bit k: ``NEIGHBOURS[k]``); outside is background."""
+    height, width = mask.shape
+    padded = np.pad(mask, 1).astype(np.uint8)
+    code = np.zeros(mask.shape, np.uint8)
+    for k, (dy, dx) in enumerate(NEIGHBOURS):
+        code |= padded[1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width] << k
+    return code
+
+
+def _is_simple(code: int) -> bool:
+    """The simple-point test for 4-connected objects and 8-connected background.
+
+    A pixel p is simple iff its topological numbers are both 1 (Bertrand &
+    Malandain 1994, in 2D): T4, the number of 4-connected components of the
+    objects in the 8-neighbourhood of p (p excluded) that touch p's 4-neighbours,
+    and T8, the number of 8-connected components of the background there. The
+    test does not depend on p's own value.
+    """
+    ring = np.zeros((3, 3), bool)
+    for k, (dy, dx) in enumerate(NEIGHBOURS):
+        ring[1 + dy, 1 + dx] = code >> k & 1
+    objects = ndimage.label(ring, FOUR)[0]
+    t4 = len({objects[1 + NEIGHBOURS[k][0], 1 + NEIGHBOURS[k][1]] for k in FOUR_NEIGHBOURS} - {0})
+    background = ~ring
+    background[1, 1] = False
+    t8 = ndimage.label(background, EIGHT)[1]
+    return t4 == 1 and t8 == 1
+
+
+SIMPLE = np.array([_is_simple(code) for code in range(256)])
+"""``SIMPLE[code]``: is a pixel with that neighbourhood code (bit k = ``NEIGHBOURS[k]``) simple."""
+
+
+def warp(image: np.ndarray, target: np.ndarray, priority: np.ndarray) -> np.ndarray:
+    """Warp a binary image towards ``target`` by flipping simple points only (Jain et al. 2010).
+
+    The pixels where ``image`` and ``target`` differ are visited in order of
+    decreasing ``priority`` (ties in raster order); each one that is simple in
+    the current image at its visit is flipped to agree with ``target``. The
+    passes repeat over the pixels still differing until one pass flips none.
+    Simplicity is that of ``SIMPLE``; outside the image is background that never
+    changes. Returns the warped image (bool).
+    """
+    image, target = np.asarray(image, bool), np.asarray(target, bool)
+    height, width = image.shape
+    padded = np.pad(image, 1)
+    codes = bytearray(_neighbour_codes(padded).tobytes())
+    steps = [dy * (width + 2) + dx for dy, dx in NEIGHBOURS]
+    # when pixel i flips, its neighbour i + steps[k] sees it as neighbour 7 - k
+    updates = [(step, 1 << (7 - k)) for k, step in enumerate(steps)]
+    differ = np.flatnonzero(padded != np.pad(target, 1))
+    keys = np.pad(priority, 1).ravel()[differ]
+    pending = differ[np.argsort(-keys, kind="stable")].tolist()
+    simple = SIMPLE.tolist()
+    while True:
+        kept = []
+        for i in pending:
+            if simple[codes[i]]:
+                for step, bit in updates:
+                    codes[i + step] ^= bit
+            else:
+                kept.append(i)
+        if len(kept) == len(pending):
+            break
+        pending = kept
+    warped = np.pad(target, 1).ravel()
+    warped[pending] = padded.ravel()[pending]
+    return warped.reshape(height + 2, width + 2)[1:-1, 1:-1]
+
+
+def _distinct_labels(labels: np.ndarray) -> np.ndarray:
+    """Per row of ``labels``, the number of distinct nonzero values."""
+    ordered = np.sort(labels, axis=1)
+    return 1 + np.count_nonzero(np.diff(ordered, axis=1), axis=1) - (ordered[:, 0] == 0)
+
+
+def topology_errors(warped: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The split and merger pixels among the pixels where ``warped`` and ``target`` differ.
+
+    Each such pixel p is judged alone against ``warped`` (W; objects 4-connected,
+    background 8-connected, outside background):
+
+    * merger: p is object in ``target`` only, and adding p to W joins two or more
+      of W's objects, i.e. p's 4-neighbours hold two or more distinct objects;
+    * split: p is object in W only, and removing p from W cuts its object into
+      more objects. The change in the number of objects is n4 - q - k: n4 object
+      4-neighbours, q 2x2 squares of object pixels through p, k distinct
+      background components among p's 8-neighbours. (The Euler number
+      V - E + F = objects - holes changes by n4 - q - 1 and the holes by 1 - k.)
+
+    The other differing pixels add or delete an object or a hole and are not
+    counted. Returns two boolean masks, (splits, mergers).
+    """
+    warped, target = np.asarray(warped, bool), np.asarray(target, bool)
+    w = np.pad(warped, 1)
+    objects = ndimage.label(w, FOUR)[0]
+    background = ndimage.label(~w, EIGHT)[0]
+    ys, xs = np.nonzero(w != np.pad(target, 1))
+
+    def around(array, offsets):
+        return np.stack([array[ys + dy, xs + dx] for dy, dx in offsets], axis=1)
+
+    added = ~w[ys, xs]
+    mergers = added & (_distinct_labels(around(objects, [NEIGHBOURS[k] for k in FOUR_NEIGHBOURS])) >= 2)
+    ring = around(w, NEIGHBOURS)  # 0 1 2 / 3 . 4 / 5 6 7
+    n4 = ring[:, FOUR_NEIGHBOURS].sum(axis=1)
+    squares = sum(ring[:, list(square)].all(axis=1) for square in ((0, 1, 3), (1, 2, 4), (3, 5, 6), (4, 6, 7)))
+    change = n4 - squares - _distinct_labels(around(background, NEIGHBOURS))
+    splits = ~added & (change > 0)
+
+    def image_of(selected):
+        mask = np.zeros(warped.shape, bool)
+        mask[ys[selected] - 1, xs[selected] - 1] = True
+        return mask
+
+    return image_of(splits), image_of(mergers)
+
+
+def _warping(proposal, inside) -> Details:
+    def counts(z, th):
+        target = proposal[z] > th
+        warped = warp(inside[z], target, np.abs(proposal[z] - th))
+        splits, mergers = topology_errors(warped, target)
+        return splits.sum(), mergers.sum(), np.count_nonzero(warped != target) - splits.sum() - mergers.sum()
+
+    splits, mergers, other = np.moveaxis(_sweep(WARPING_SWEEP, len(proposal), counts), -1, 0)
+    pixels = proposal[0].size
+    values = (splits + mergers).sum(axis=1) / (pixels * len(proposal))
+    counts = {"splits": splits, "mergers": mergers, "other": other}
+    return Details(WARPING_SWEEP, values, (splits + mergers) / pixels, counts, int(np.argmin(values)))
+
+
+def warping_error(proposal, truth, *, details: bool = False):
+    """Warping error of Table 1: minimum splits and mergers (Jain et al. 2010).
+
+    Per slice and threshold th of ``WARPING_SWEEP``, the truth is warped
+    towards ``proposal > th`` by ``warp`` with priority ``|proposal - th|`` (the
+    most confident disagreements first); of the pixels still differing, those
+    ``topology_errors`` finds to be splits or mergers are counted. The error is
+    their number over all slices divided by the number of pixels; the minimum
+    over thresholds is reported. With ``details`` returns ``(value, Details)``;
+    counts "splits", "mergers" and "other" (remaining pixels not counted).
+    """
+    return _report(_warping(*_prepare(proposal, truth)), details)
+
+
+# ---------------------------------------------------------------------------
+# All five, and the command line
+
+METRICS = {
+    "warping_error": ("warping error", "lower"),
+    "rand_error": ("Rand error", "lower"),
+    "pixel_error": ("pixel error", "lower"),
+    "vrand": ("V_rand (thinned)", "higher"),
+    "vinfo": ("V_info (thinned)", "higher"),
+}
+"""The names ``evaluate`` returns, Table 1's three first, with a label and which direction is better."""
+
+
+def evaluate(proposal, truth, *, details: bool = False) -> dict:
+    """All five metrics: ``{name: value}``, or ``{name: (value, Details)}`` with ``details``.
+
+    The same numbers as the five functions, with the thinning shared by V_rand and V_info.
+    """
+    proposal, inside = _prepare(proposal, truth)
+    tables = dict(zip(("vrand", "vinfo"), _thinned(proposal, inside)))
+    tables.update(warping_error=_warping(proposal, inside), rand_error=_rand(proposal, inside), pixel_error=_pixel(proposal, inside))
+    return {name: _report(tables[name], details) for name in METRICS}
+
+
+def _slice_range(text: str, count: int) -> slice:
+    first, _, last = text.partition("-")
+    try:
+        start, stop = int(first), int(last or first) + 1
+    except ValueError:
+        raise ValueError(f"--slices {text!r}: expected A-B or A, e.g. 20-29") from None
+    if not 0 <= start < stop <= count:
+        raise ValueError(f"--slices {text!r}: the stack has slices 0-{count - 1}")
+    return slice(start, stop)
+
+
+def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``evaluate PROPOSAL TRUTH``: print the five ISBI 2012 metrics as a table or JSON."""
+    parser = argparse.ArgumentParser(prog=prog, description="ISBI 2012 metrics of a probability map against binary labels (paper Sec. 4).")
+    parser.add_argument("proposal", help="TIFF of probabilities in [0, 1], 1 = cell interior (an image or a stack)")
+    parser.add_argument("truth", help="TIFF or PNG labels, nonzero = cell interior")
+    parser.add_argument("--membrane", action="store_true", help="the proposal is a membrane probability; score 1 - proposal")
+    parser.add_argument("--slices", metavar="A-B", help="score only slices A to B of a stack (0-based, inclusive), e.g. 20-29")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    proposal, truth = _probabilities(read_image(args.proposal)), read_image(args.truth)
+    if args.membrane:
+        proposal = 1.0 - proposal
+    if args.slices:
+        if proposal.ndim != 3 or truth.ndim != 3:
+            raise ValueError("--slices needs stacks, but a 2D image was given")
+        chosen = _slice_range(args.slices, len(proposal))
+        proposal, truth = proposal[chosen], truth[chosen]
+    results = evaluate(proposal, truth, details=True)  # validates shapes and values first
+    interior = truth > 0
+    if interior.any() and not interior.all() and proposal[interior].mean() < proposal[~interior].mean():
+        print("warning: the proposal is higher on membrane than on cell interior; for a membrane "
+              "probability pass --membrane", file=sys.stderr)
+    if args.json:
+        print(json.dumps({name: {"value": value, "threshold": table.threshold} for name, (value, table) in results.items()}, indent=2))
+        return 0
+    print(f"{'metric':<18} {'value':>10} {'threshold':>10}  better")
+    for name, (value, table) in results.items():
+        label, better = METRICS[name]
+        print(f"{label:<18} {value:>10.7f} {table.threshold:>10.1f}  {better}")
+    return 0
