@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import tifffile
+import torch
 from skimage import io as skio
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "write_tiff",
     "write_json",
     "save_figure",
+    "save_checkpoint",
+    "load_checkpoint",
     "image_to_float",
 ]
 
@@ -37,9 +40,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    # A fresh name, created by the writer itself, so the file gets the user's umask.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -89,6 +91,33 @@ def save_figure(figure, path: str | os.PathLike, **kwargs) -> None:
     path = Path(path)
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kwargs)
+
+
+def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
+    """Write a checkpoint dict atomically with ``torch.save``: the previous one survives a kill."""
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint written by ``save_checkpoint`` (tensors and plain data only).
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming
+    the file for one that is truncated, corrupt or not a checkpoint dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a damaged file
+        raise ValueError(
+            f"checkpoint {path} cannot be read ({type(error).__name__}): it is corrupt or incomplete; "
+            "delete it to start afresh, or point at an earlier checkpoint"
+        ) from error
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
+        raise ValueError(f"{path} is not a ronneberger2015 checkpoint (no 'model' and 'config' entries)")
+    return checkpoint
 
 
 def image_to_float(image: np.ndarray) -> np.ndarray:

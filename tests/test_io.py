@@ -1,4 +1,6 @@
 """Image reading/writing, atomic writes, and the [0, 1] image convention."""
+import os
+
 import numpy as np
 import pytest
 import tifffile
@@ -43,6 +45,15 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
             raise RuntimeError("killed")
     assert target.read_text() == "good"
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        write_tiff(tmp_path / "out.tif", np.zeros((2, 2), np.float32))
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out.tif").stat().st_mode & 0o777 == 0o644
 
 
 def test_image_to_float():

@@ -1,0 +1,136 @@
+"""Training (Sec. 3): the loss goes down, resume is exact, bad checkpoints and NaN are caught."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from ronneberger2015 import train as train_module
+from ronneberger2015.__main__ import main
+from ronneberger2015.io import load_checkpoint, write_tiff
+from ronneberger2015.network import UNet
+from ronneberger2015.weightmap import target_and_weights
+from ronneberger2015.loss import weighted_cross_entropy
+from ronneberger2015.train import PRESETS, TrainConfig, TrainingDiverged, train
+
+TINY = TrainConfig(iterations=20, tile=92, learning_rate=0.01, log_every=5, checkpoint_every=10,
+                   network=dict(base_channels=4, depth=3, dropout=0.5, variant="paper"))
+
+
+@pytest.fixture(scope="module")
+def two_slices(isbi):
+    return isbi.train_images[:2, :128, :128], isbi.train_labels[:2, :128, :128]
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _centre_targets(model, labels, tile):
+    """Target and weight map (Eq. 2) on the output pixels of the top-left input tile."""
+    target, weight = target_and_weights(labels)
+    border, out = (tile - model.output_size(tile)) // 2, model.output_size(tile)
+    window = (slice(None), slice(border, border + out), slice(border, border + out))
+    return torch.from_numpy(target[window]), torch.from_numpy(weight[window])
+
+
+def _constant_prediction_loss(model, labels, tile):
+    """Eq. 1 of the best constant prediction: p(cell) = its weighted frequency."""
+    y, w = _centre_targets(model, labels, tile)
+    cell, background = (w * y).sum(), (w * (1 - y)).sum()
+    p = cell / (cell + background)
+    return (-(cell * torch.log(p) + background * torch.log(1 - p)) / y.numel()).item()
+
+
+def _fixed_tile_loss(model, images, labels, tile):
+    """Eq. 1 on the un-augmented top-left tiles of the slices, in eval mode."""
+    y, w = _centre_targets(model, labels, tile)
+    x = torch.from_numpy(images[:, None, :tile, :tile] / np.float32(255))
+    model.eval()
+    with torch.no_grad():
+        return weighted_cross_entropy(model(x), y, w).item()
+
+
+def test_smoke_lowers_the_loss(isbi, tmp_path):
+    """The smoke preset with a tiny network, on 2 ISBI slices: the loss on fixed tiles drops."""
+    config = dataclasses.replace(PRESETS["smoke"], iterations=150, tile=124, learning_rate=3e-3, log_every=10,
+                                 checkpoint_every=50, network=dict(base_channels=4, depth=3, dropout=0.5, variant="paper"))
+    images, labels = isbi.train_images[:2], isbi.train_labels[:2]
+    torch.manual_seed(config.seed)
+    before = _fixed_tile_loss(UNet(**config.network), images, labels, 300)
+    model = train(images, labels, tmp_path, config, device="cpu", progress=False)
+    after = _fixed_tile_loss(model, images, labels, 300)
+    assert after < 0.8 * before
+    assert after < 0.9 * _constant_prediction_loss(model, labels, 300)  # learned more than the class frequencies
+    rows = np.loadtxt(tmp_path / "log.csv", delimiter=",", skiprows=1)
+    assert rows.shape == (150, 3) and rows[:, 0].tolist() == list(range(1, 151))
+    assert (tmp_path / "loss.png").stat().st_size > 0 and (tmp_path / "checkpoint.pt").is_file()
+
+
+def test_resume_reaches_the_same_weights(two_slices, tmp_path):
+    straight = train(*two_slices, tmp_path / "a", TINY, device="cpu", progress=False)
+    train(*two_slices, tmp_path / "b", dataclasses.replace(TINY, iterations=10), device="cpu", progress=False)
+    resumed = train(*two_slices, tmp_path / "b", TINY, device="cpu", resume=True, progress=False)
+    for name, value in _weights(straight).items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+    assert (tmp_path / "a" / "log.csv").read_text() == (tmp_path / "b" / "log.csv").read_text()
+
+
+def test_existing_run_needs_resume(two_slices, tmp_path):
+    config = dataclasses.replace(TINY, iterations=5, checkpoint_every=5)
+    train(*two_slices, tmp_path, config, device="cpu", progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(*two_slices, tmp_path, config, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="learning_rate"):
+        train(*two_slices, tmp_path, dataclasses.replace(config, learning_rate=0.5), device="cpu", resume=True, progress=False)
+
+
+def test_corrupt_checkpoint_is_named(two_slices, tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"\x80\x02 half a pickle")
+    with pytest.raises(ValueError, match="checkpoint.pt cannot be read.*corrupt"):
+        train(*two_slices, tmp_path, TINY, device="cpu", resume=True, progress=False)
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(two_slices, tmp_path, monkeypatch):
+    calls = []
+
+    def failing_loss(logits, target, weight):
+        calls.append(1)
+        loss = train_module.weighted_cross_entropy.__wrapped__(logits, target, weight)
+        return loss * float("nan") if len(calls) > 12 else loss
+
+    failing_loss.__wrapped__ = train_module.weighted_cross_entropy
+    monkeypatch.setattr(train_module, "weighted_cross_entropy", failing_loss)
+    with pytest.raises(TrainingDiverged, match=r"by iteration 15.*iteration 10\) is kept"):
+        train(*two_slices, tmp_path, TINY, device="cpu", progress=False)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["iteration"] == 10
+
+
+def test_invalid_tile_names_neighbours():
+    with pytest.raises(ValueError, match="nearest valid sizes are 556"):
+        TrainConfig(tile=570)
+
+
+def test_command_line_on_png_folders(two_slices, tmp_path, capsys):
+    from skimage import io as skio
+
+    images, labels = two_slices
+    for folder, stack in (("images", images), ("labels", labels)):
+        (tmp_path / folder).mkdir()
+        for i, page in enumerate(stack):
+            skio.imsave(tmp_path / folder / f"{i:02d}.png", page, check_contrast=False)
+    write_tiff(tmp_path / "val.tif", images[:1])
+    write_tiff(tmp_path / "val-labels.tif", labels[:1])
+    code = main(["train", str(tmp_path / "images"), str(tmp_path / "labels"), "-o", str(tmp_path / "run"),
+                 "--preset", "smoke", "--iterations", "3", "--tile", "188", "--device", "cpu",
+                 "--val", str(tmp_path / "val.tif"), str(tmp_path / "val-labels.tif")])
+    assert code == 0
+    assert {"checkpoint.pt", "config.json", "log.csv", "metrics.json"} <= {p.name for p in (tmp_path / "run").iterdir()}
+    assert "vrand" in capsys.readouterr().out
+
+
+def test_command_line_rejects_mismatched_pairs(tmp_path, capsys):
+    write_tiff(tmp_path / "a.tif", np.zeros((2, 8, 8), np.uint8))
+    write_tiff(tmp_path / "b.tif", np.zeros((3, 8, 8), np.uint8))
+    assert main(["train", str(tmp_path / "a.tif"), str(tmp_path / "b.tif"), "-o", str(tmp_path / "r")]) == 2
+    assert "2 images but 3 label images" in capsys.readouterr().err
