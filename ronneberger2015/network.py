@@ -16,7 +16,7 @@ At depth 4 the valid sides are 16k + 60 (k >= 8), with output = input - 184:
 """
 from __future__ import annotations
 
-import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -58,8 +58,8 @@ def output_size(input_size: int | Sequence[int], depth: int = 4):
     Raises ``ValueError`` naming the nearest valid sizes when a side is not a
     valid tile size (a pooling would see an odd size, or a layer would be empty).
     """
-    if not isinstance(input_size, (int,)) and not (hasattr(input_size, "__index__")):
-        return tuple(output_size(int(side), depth) for side in input_size)
+    if not isinstance(input_size, numbers.Integral):
+        return tuple(output_size(side, depth) for side in input_size)
     size = int(input_size)
     result = _trace(size, depth) if size > 0 else None
     if result is None:

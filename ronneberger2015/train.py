@@ -331,7 +331,8 @@ def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.val:
         val_images, val_labels = _read_pairs(*args.val)
         probabilities = predict(model, val_images, device=device, tta=True)[:, 1]
-        scores = evaluate(probabilities, val_labels)
+        truth = target_and_weights(val_labels, instances=config.instances)[0]  # separated, as trained on
+        scores = evaluate(probabilities, truth)
         io.write_json(args.out / "metrics.json", scores)
         print("\n".join(f"{name:>14}: {value:.6f}" for name, value in scores.items()))
     return 0

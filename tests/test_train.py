@@ -129,6 +129,19 @@ def test_command_line_on_png_folders(two_slices, tmp_path, capsys):
     assert "vrand" in capsys.readouterr().out
 
 
+def test_command_line_validates_on_instance_labels(tmp_path, capsys):
+    """Instance labels (touching cells with distinct ids) are scored against the separated mask."""
+    labels = np.zeros((1, 188, 188), np.uint16)
+    labels[0, 20:100, 20:100], labels[0, 20:100, 100:170] = 1, 2  # two cells sharing a border
+    images = (labels * 100).astype(np.uint8)
+    write_tiff(tmp_path / "i.tif", images)
+    write_tiff(tmp_path / "l.tif", labels)
+    code = main(["train", str(tmp_path / "i.tif"), str(tmp_path / "l.tif"), "-o", str(tmp_path / "run"),
+                 "--preset", "smoke", "--iterations", "1", "--tile", "188", "--device", "cpu", "--instances",
+                 "--val", str(tmp_path / "i.tif"), str(tmp_path / "l.tif")])
+    assert code == 0 and "vinfo" in capsys.readouterr().out
+
+
 def test_command_line_rejects_mismatched_pairs(tmp_path, capsys):
     write_tiff(tmp_path / "a.tif", np.zeros((2, 8, 8), np.uint8))
     write_tiff(tmp_path / "b.tif", np.zeros((3, 8, 8), np.uint8))
