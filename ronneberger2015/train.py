@@ -81,7 +81,7 @@ PRESETS = {
     "paper": TrainConfig(),
     # A few minutes on two CPU cores: a narrow network, short schedule. Not the paper's schedule.
     "smoke": TrainConfig(
-        iterations=400,
+        iterations=800,
         tile=252,
         learning_rate=3e-4,
         log_every=25,
