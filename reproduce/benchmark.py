@@ -31,7 +31,9 @@ def _device(args: argparse.Namespace):
     """The device to time on (``--device``, else CUDA when available) and its synchronisation."""
     import torch
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from ronneberger2015.train import resolve_device
+
+    device = resolve_device(args.device)
     return device, (torch.cuda.synchronize if device.type == "cuda" else (lambda: None))
 
 

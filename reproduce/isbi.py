@@ -33,7 +33,7 @@ from ronneberger2015 import io
 from ronneberger2015.data import DataError, load_isbi
 from ronneberger2015.metrics import evaluate
 from ronneberger2015.tiling import predict
-from ronneberger2015.train import PRESETS, TrainingDiverged, default_device, train
+from ronneberger2015.train import PRESETS, TrainingDiverged, resolve_device, train
 
 HELD_OUT = slice(20, 30)
 TRAIN_HELD_OUT = slice(0, 20)
@@ -103,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held-out-only", action="store_true", help="skip the final run on all 30 slices")
     args = parser.parse_args(argv)
 
-    device = torch.device(args.device) if args.device else default_device()
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     preset = args.preset or ("paper" if device.type == "cuda" else "smoke")
     overrides = {"seed": args.seed, "iterations": args.iterations, "precision": args.precision}
     config = dataclasses.replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})

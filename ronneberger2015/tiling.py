@@ -334,12 +334,9 @@ def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
                         help="write the membrane probability (class 0) instead of the cell interior (class 1)")
     args = parser.parse_args(argv)
 
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as error:
-        raise ValueError(f"--device {args.device!r}: {error}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but CUDA is not available here")
+    from .train import resolve_device
+
+    device = resolve_device(args.device)
     model = load_model(args.checkpoint, device)
     if model.num_classes < 2:
         raise ValueError(f"the model has {model.num_classes} class(es); cell and membrane need 2")

@@ -36,7 +36,7 @@ from .loss import weighted_cross_entropy
 from .network import UNet, output_size
 from .weightmap import target_and_weights
 
-__all__ = ["TrainConfig", "PRESETS", "train", "training_step", "TrainingDiverged", "default_device", "cli"]
+__all__ = ["TrainConfig", "PRESETS", "train", "training_step", "TrainingDiverged", "resolve_device", "cli"]
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.csv"
@@ -95,9 +95,17 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def default_device() -> torch.device:
-    """CUDA when available, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str | torch.device | None = None) -> torch.device:
+    """The device ``name`` names, checked; by default CUDA when available, else the CPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"device {str(name)!r} is not a device name ({error}); use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(name)!r} was asked for, but CUDA is not available here; use cpu")
+    return device
 
 
 def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
@@ -203,7 +211,7 @@ def train(
     CPU; cuDNN's kernels may differ in the last bits).
     """
     config = config or TrainConfig()
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     run_dir = Path(run_dir)
     checkpoint_path = run_dir / CHECKPOINT
     if checkpoint_path.exists() and not resume:
@@ -324,7 +332,7 @@ def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
                  "precision": args.precision, "instances": True if args.instances else None}
     config = dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in overrides.items() if v is not None})
     images, labels = _read_pairs(args.images, args.labels)
-    device = torch.device(args.device) if args.device else default_device()
+    device = resolve_device(args.device)
     io.write_json(args.out / "config.json", {"preset": args.preset, "device": str(device), **dataclasses.asdict(config)})
     model = train(images, labels, args.out, config, device=device, resume=args.resume)
     print(f"trained {config.iterations} iterations; checkpoint: {args.out / CHECKPOINT}")

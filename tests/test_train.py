@@ -11,7 +11,7 @@ from ronneberger2015.io import load_checkpoint, write_tiff
 from ronneberger2015.network import UNet
 from ronneberger2015.weightmap import target_and_weights
 from ronneberger2015.loss import weighted_cross_entropy
-from ronneberger2015.train import PRESETS, TrainConfig, TrainingDiverged, train
+from ronneberger2015.train import PRESETS, TrainConfig, TrainingDiverged, resolve_device, train
 
 TINY = TrainConfig(iterations=20, tile=92, learning_rate=0.01, log_every=5, checkpoint_every=10,
                    network=dict(base_channels=4, depth=3, dropout=0.5, variant="paper"))
@@ -147,3 +147,13 @@ def test_command_line_rejects_mismatched_pairs(tmp_path, capsys):
     write_tiff(tmp_path / "b.tif", np.zeros((3, 8, 8), np.uint8))
     assert main(["train", str(tmp_path / "a.tif"), str(tmp_path / "b.tif"), "-o", str(tmp_path / "r")]) == 2
     assert "2 images but 3 label images" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_unavailable_device_is_named(tmp_path, capsys):
+    write_tiff(tmp_path / "a.tif", np.zeros((1, 188, 188), np.uint8))
+    assert main(["train", str(tmp_path / "a.tif"), str(tmp_path / "a.tif"), "-o", str(tmp_path / "r"),
+                 "--device", "cuda"]) == 2
+    assert "CUDA is not available here" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="not a device name"):
+        resolve_device("gpu0")
