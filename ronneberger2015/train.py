@@ -268,12 +268,13 @@ def train(
             continue
         first = max(start, iteration - iteration % config.log_every)  # this block's first iteration
         recent = losses[first % config.log_every : iteration % config.log_every + 1].tolist()  # one host sync per block
-        if not all(math.isfinite(v) for v in recent):
+        bad = next((i for i, v in enumerate(recent) if not math.isfinite(v)), None)
+        if bad is not None:
             bar.close()
             last = io.load_checkpoint(checkpoint_path)["iteration"] if checkpoint_path.exists() else None
             kept = f"the last good checkpoint ({checkpoint_path}, iteration {last}) is kept" if last else "no checkpoint was written yet"
             raise TrainingDiverged(
-                f"the loss became {recent[-1]} by iteration {done}; {kept}. "
+                f"the loss became {recent[bad]} at iteration {first + bad + 1}; {kept}. "
                 "Lower the learning rate, or train with precision fp32."
             )
         rows += [[first + i + 1, v, config.learning_rate] for i, v in enumerate(recent)]
