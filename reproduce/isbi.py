@@ -61,16 +61,14 @@ def table(rows: dict[str, dict]) -> str:
 
 def overlay(image: np.ndarray, truth: np.ndarray, probability: np.ndarray, path: Path, title: str) -> None:
     """image | truth | prediction | errors (red: membrane missed, blue: false membrane) of one slice."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: leaves the caller's backend alone
 
     predicted = probability > 0.5
     errors = np.dstack([image / 255.0] * 3) * 0.6
     errors[predicted & (truth == 0)] = (1.0, 0.1, 0.1)
     errors[~predicted & (truth > 0)] = (0.2, 0.4, 1.0)
-    figure, axes = plt.subplots(1, 4, figsize=(16, 4.4), layout="constrained")
+    figure = Figure(figsize=(16, 4.4), layout="constrained")
+    axes = figure.subplots(1, 4)
     panels = [(image, "image"), (truth, "truth (white: cell)"), (probability, "P(cell interior)"), (errors, "errors at 0.5")]
     for axis, (panel, name) in zip(axes, panels):
         axis.imshow(panel, cmap="gray", vmin=0, vmax=panel.max() if panel.ndim == 2 else None)
@@ -78,7 +76,6 @@ def overlay(image: np.ndarray, truth: np.ndarray, probability: np.ndarray, path:
         axis.axis("off")
     figure.suptitle(title)
     io.save_figure(figure, path, dpi=100)
-    plt.close(figure)
 
 
 def _git_commit() -> str | None:

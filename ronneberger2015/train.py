@@ -139,14 +139,12 @@ def _read_log(path: Path, up_to: int) -> list[list]:
 
 def plot_loss(rows: list[list], path: Path, title: str = "training loss") -> None:
     """Loss curve (per-iteration values and their running mean) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: leaves the caller's backend alone
 
     iterations = np.array([r[0] for r in rows])
     losses = np.array([r[1] for r in rows])
-    figure, axis = plt.subplots(figsize=(6, 3.5), layout="constrained")
+    figure = Figure(figsize=(6, 3.5), layout="constrained")
+    axis = figure.subplots()
     axis.plot(iterations, losses, lw=0.5, alpha=0.4, label="per iteration")
     window = max(1, len(losses) // 50)
     if len(losses) >= window:
@@ -155,7 +153,6 @@ def plot_loss(rows: list[list], path: Path, title: str = "training loss") -> Non
     axis.set(xlabel="iteration", ylabel="weighted cross entropy (Eq. 1)", title=title, yscale="log")
     axis.legend()
     io.save_figure(figure, path, dpi=120)
-    plt.close(figure)
 
 
 def training_step(model, optimizer, augmenter, stacks, generator, autocast) -> torch.Tensor:
