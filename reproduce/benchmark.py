@@ -13,28 +13,40 @@ import time
 from typing import Callable
 
 
-def timeit(function: Callable[[], object], *, repeat: int = 5, warmup: int = 1, sync: Callable[[], None] = lambda: None) -> float:
-    """Median wall time of ``function()`` in milliseconds, after ``warmup`` calls."""
+def timeit(function: Callable[[], object], *, repeat: int = 5, warmup: int = 1, device=None) -> float:
+    """Median time of ``function()`` in milliseconds, after ``warmup`` calls.
+
+    On a CUDA ``device`` each call is timed with CUDA events, from an idle
+    device to the end of its work (host work inside the call counts too);
+    elsewhere with the host clock.
+    """
+    import torch
+
+    cuda = device is not None and device.type == "cuda"
     for _ in range(warmup):
         function()
-    sync()
     times = []
     for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            function()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            function()
+            times.append((time.perf_counter() - begin) * 1e3)
     return statistics.median(times)
 
 
 def _device(args: argparse.Namespace):
-    """The device to time on (``--device``, else CUDA when available) and its synchronisation."""
-    import torch
-
+    """The device to time on: ``--device``, else CUDA when available."""
     from ronneberger2015.train import resolve_device
 
-    device = resolve_device(args.device)
-    return device, (torch.cuda.synchronize if device.type == "cuda" else (lambda: None))
+    return resolve_device(args.device)
 
 
 # BENCHMARKS: one function per subcommand, each taking the parsed arguments.
@@ -91,7 +103,7 @@ def bench_augment(args: argparse.Namespace) -> None:
 
     from ronneberger2015.augment import Augmenter
 
-    device, sync = _device(args)
+    device = _device(args)
     calls = 1 if device.type == "cpu" else (10 if args.quick else 100)  # queued calls per timing on a GPU
     if device.type == "cpu":
         torch.set_num_threads(1)  # as scipy: one core each
@@ -106,7 +118,7 @@ def bench_augment(args: argparse.Namespace) -> None:
     ours = {}
     for batch in (1, 8):
         run = lambda: [augmenter(images, labels, weights, batch_size=batch, generator=generator) for _ in range(calls)]
-        ours[batch] = timeit(run, repeat=repeat, sync=sync) / (calls * batch)
+        ours[batch] = timeit(run, repeat=repeat, device=device) / (calls * batch)
         print(f"{'ours: Augmenter (bilinear image)':<48} {batch:>5} {ours[batch]:>9.3f}")
     params = augmenter.draw(1, images.shape, generator=generator)
     positions = augmenter.coordinates(params)[0].cpu().numpy()
@@ -119,16 +131,18 @@ def bench_augment(args: argparse.Namespace) -> None:
 
 def bench_predict(args: argparse.Namespace) -> None:
     """Fig. 2: ms per 512x512 slice of ``predict`` on a stack, with and without TTA, against one plain
-    forward pass per mirrored slice; then the largest network input and the memory as the image grows."""
+    forward pass per mirrored slice (torch's default NCHW layout; ``predict`` runs channels_last), in fp32
+    (TF32 off) and bf16 autocast; then the largest network input and the memory as the image grows."""
     import numpy as np
     import torch
 
     from ronneberger2015.network import UNet
     from ronneberger2015.tiling import predict
 
-    device, sync = _device(args)
+    device = _device(args)
     cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     if not cuda:
         torch.set_num_threads(1)  # steadier figures on a shared machine; ratios are what count
     torch.manual_seed(0)
@@ -141,10 +155,11 @@ def bench_predict(args: argparse.Namespace) -> None:
     border = model.border
     extra = 700 - 512 - 2 * border  # 512 + 2 * 92 = 696 is no valid input side; 700 is
 
-    def plain(precision: str) -> None:
+    def plain(precision: str, images=stack) -> None:
         """What one would write without tiling: mirror each slice to 700x700, one forward pass each."""
+        model.to(memory_format=torch.contiguous_format)
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            for image in stack:
+            for image in images:
                 padded = np.pad(image / np.float32(255), (border, border + extra), mode="reflect")
                 logits = model(torch.from_numpy(padded)[None, None].to(device))
                 torch.softmax(logits.float(), dim=1)[0, :, :512, :512].cpu().numpy()
@@ -159,15 +174,23 @@ def bench_predict(args: argparse.Namespace) -> None:
     print(f"predict: UNet({', '.join(f'{k}={v}' for k, v in network.items())}) on {device} "
           f"(torch threads {torch.get_num_threads()}), stack of {slices} random 512x512 uint8 slices, "
           f"median of {repeat} after {warmup} warm-up")
-    print(f"{'method':<36} {'precision':>9} {'ms/slice':>9} {'ratio':>6} {'peak GPU':>9}")
-    for precision in ("fp32", "bf16") if cuda else ("fp32",):
-        baseline = timeit(lambda: plain(precision), repeat=repeat, warmup=warmup, sync=sync) / slices
-        print(f"{'plain: one pass per mirrored slice':<36} {precision:>9} {baseline:>9.2f} {1:>6.2f} "
-              f"{peak(lambda: plain(precision)):>9}")
+    print(f"{'method':<36} {'precision':>9} {'ms/slice':>9} {'vs fp32':>8} {'vs bf16':>8} {'peak GPU':>9}")
+    baselines = {}
+
+    def row(name: str, precision: str, ms: float, memory: str) -> None:
+        versus = [f"{baselines[p] / ms:>7.2f}x" if p in baselines else f"{'-':>8}" for p in ("fp32", "bf16")]
+        print(f"{name:<36} {precision:>9} {ms:>9.2f} {' '.join(versus)} {memory:>9}")
+
+    for precision in ("fp32", "bf16"):
+        if warmup == 0:  # the CPU's one-time set-up of each layout and precision, outside the single timing
+            plain(precision, stack[:1])
+            predict(model, stack[:1], precision=precision)
+        baselines[precision] = timeit(lambda: plain(precision), repeat=repeat, warmup=warmup, device=device) / slices
+        row("plain: one pass per mirrored slice", precision, baselines[precision], peak(lambda: plain(precision)))
         for tta in (False, True):
             run = lambda: predict(model, stack, tta=tta, precision=precision)  # noqa: E731
-            ms = timeit(run, repeat=repeat, warmup=warmup, sync=sync) / slices
-            print(f"{f'predict(tta={tta})':<36} {precision:>9} {ms:>9.2f} {ms / baseline:>6.2f} {peak(run):>9}")
+            row(f"predict(tta={tta})", precision, timeit(run, repeat=repeat, warmup=warmup, device=device) / slices, peak(run))
+    print("vs fp32 / vs bf16: how many times faster than the plain pass (above 1 is faster; TTA does 8 passes)")
 
     # Memory against image size: the network only ever sees bounded batches of tiles.
     if cuda:
@@ -182,7 +205,7 @@ def bench_predict(args: argparse.Namespace) -> None:
         shapes.clear()
         image = np.random.default_rng(0).integers(0, 256, (side, side), dtype=np.uint8)
         run = lambda: predict(sweep, image, device=device, **options)  # noqa: E731
-        seconds = timeit(run, repeat=1, warmup=0, sync=sync) / 1e3
+        seconds = timeit(run, repeat=1, warmup=0, device=device) / 1e3
         print(f"{f'{side}x{side}':>12} {seconds:>8.1f} {str(max(shapes)):>22} "
               f"{2 * side * side * 4 / 2**30:>10.2f} GiB {peak(run):>9}")
 
@@ -229,34 +252,44 @@ def bench_metrics(args: argparse.Namespace) -> None:
 def bench_train(args: argparse.Namespace) -> None:
     """Sec. 3: ms per training step (batch 1: forward, Eq. 1, backward, SGD with momentum 0.99).
 
-    Baselines: the same eager step on one fixed tile (no augmentation), fp32
-    and bf16 autocast. Ours: ``train.training_step`` as ``train`` runs it, the
-    augmentation of Sec. 3.1 included. The floor is the step's convolution
-    FLOPs (3x the forward pass: forward, input and weight gradients) over the
-    measured peak of a large matrix product on the same device. The paper's
-    network and 572 tile on a GPU; narrower on the CPU (``--quick``: narrower
-    still and a 252 tile).
+    Baselines: the plain engine's eager step on one fixed tile (no
+    augmentation), fp32 and bf16 autocast. Ours: ``train.training_step`` with
+    the fast engine, as ``train`` runs it, the augmentation of Sec. 3.1
+    included; then compiled, in each ``--compile`` mode. fp32 means fp32:
+    TF32 is switched off. The floor is the step's convolution FLOPs (3x the
+    forward pass: forward, input and weight gradients) over the measured peak
+    of a large matrix product on the same device. Last, how far one step of
+    each engine and precision lies from the float64 step on the same tile
+    (logits, all gradients). The paper's network and 572 tile on a GPU;
+    narrower on the CPU (``--quick``: narrower still and a 252 tile).
     """
+    import copy
+    import dataclasses
+
     import torch
     from torch import nn
 
     from ronneberger2015.augment import Augmenter
+    from ronneberger2015.loss import weighted_cross_entropy
     from ronneberger2015.network import UNet
-    from ronneberger2015.train import training_step
+    from ronneberger2015.train import TrainConfig, engine, training_step
 
-    device, sync = _device(args)
+    device = _device(args)
     cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     network, tile = ({}, 572) if cuda else ({"base_channels": 4}, 252) if args.quick else ({"base_channels": 16}, 572)
-    repeat, warmup = (3, 1) if args.quick else (20, 5) if cuda else (5, 1)
+    repeat, warmup = (3, 1) if args.quick else (50, 10) if cuda else (5, 1)
     torch.manual_seed(0)
     generator = torch.Generator(device).manual_seed(0)
     out = UNet(**network).output_size(tile)
     x = torch.rand(1, 1, tile, tile, device=device, generator=generator)
     y = (torch.rand(1, out, out, device=device, generator=generator) > 0.5).long()
     w = 1 + torch.rand(1, out, out, device=device, generator=generator)
-    stacks = (torch.rand(20, 512, 512, device=device, generator=generator), y.new_zeros(20, 512, 512), torch.ones(20, 512, 512, device=device))
+    stacks = (torch.rand(20, 512, 512, device=device, generator=generator), y.new_zeros(20, 512, 512),
+              torch.ones(20, 512, 512, device=device))
     augmenter = Augmenter(tile, out)
+    base = TrainConfig(tile=tile, learning_rate=1e-4, network={**TrainConfig().network, **network})
 
     flops = []
     def count(module, inputs, output):
@@ -271,44 +304,57 @@ def bench_train(args: argparse.Namespace) -> None:
 
     dtype = torch.bfloat16 if cuda else torch.float32
     a = torch.randn(8192 if cuda else 2048, 8192 if cuda else 2048, device=device, dtype=dtype)
-    peak = 2 * a.shape[0] ** 3 / (timeit(lambda: a @ a, repeat=5, sync=sync) / 1e3)
+    peak = 2 * a.shape[0] ** 3 / (timeit(lambda: a @ a, repeat=5, device=device) / 1e3)
+    del a  # peak GPU memory below: the step and the 20 training slices it draws from
 
-    def fresh():
+    def step(config, source):
+        """A step of a fresh network: the plain baseline reads one fixed tile, ours draws augmented ones."""
         torch.manual_seed(0)
-        model = UNet(**network).to(device).train()
-        return model, torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.99)
+        forward, optimizer = engine(UNet(**network).to(device).train(), config)
+        return lambda: training_step(forward, optimizer, source, stacks, generator)
 
-    def stepper(source):
-        """A step factory: the plain step reads one fixed tile, ours draws augmented ones."""
-        def make(precision):
-            model, optimizer = fresh()
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-            return lambda: training_step(model, optimizer, source, stacks, generator, autocast)
-        return make
-
-    plain = stepper(lambda *stacks, **draw: (x, y, w))
-    ours = stepper(augmenter)
+    fixed = lambda *stacks, **draw: (x, y, w)  # noqa: E731
+    rows = [("plain eager", "plain", "fp32", None, fixed), ("plain eager", "plain", "bf16", None, fixed),
+            ("ours: training_step + augmentation", "fast", "fp32", None, augmenter),
+            ("ours: training_step + augmentation", "fast", "bf16", None, augmenter)]
+    rows += [(f"ours, compile={mode!r}", "fast", "bf16", mode, augmenter) for mode in args.compile]
 
     print(f"training step: UNet({', '.join(f'{k}={v}' for k, v in network.items())}), {tile}x{tile} tile, batch 1, on "
-          f"{device} (torch threads {torch.get_num_threads()}); {step_flops / 1e12:.3g} TFLOP per step; measured peak "
-          f"{peak / 1e12:.3g} TFLOP/s ({str(dtype).removeprefix('torch.')} matrix product), floor {step_flops / peak * 1e3:.2f} ms; "
-          f"median of {repeat} after {warmup} warm-up")
-    print(f"{'method':<40} {'ms/step':>9} {'TFLOP/s':>8} {'vs fp32':>8} {'vs bf16':>8} {'x floor':>8} {'peak GPU':>9}")
+          f"{device} (torch {torch.__version__}, threads {torch.get_num_threads()}); {step_flops / 1e12:.3g} TFLOP per step; "
+          f"measured peak {peak / 1e12:.3g} TFLOP/s ({str(dtype).removeprefix('torch.')} matrix product), "
+          f"floor {step_flops / peak * 1e3:.2f} ms; median of {repeat} after {warmup} warm-up")
+    print(f"{'method':<44} {'ms/step':>9} {'TFLOP/s':>8} {'vs fp32':>8} {'vs bf16':>8} {'x floor':>8} {'peak GPU':>9}")
     times = {}
-    for name, make, precision in [("plain eager", plain, "fp32"), ("plain eager", plain, "bf16"),
-                                  ("ours: training_step (+ augmentation)", ours, "fp32"),
-                                  ("ours: training_step (+ augmentation)", ours, "bf16")]:
-        step = make(precision)
+    for name, engine_name, precision, mode, source in rows:
+        run = step(dataclasses.replace(base, engine=engine_name, precision=precision, compile=mode), source)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        ms = timeit(step, repeat=repeat, warmup=warmup, sync=sync)
-        times.setdefault(name, {})[precision] = ms
-        baseline = times["plain eager"]
+        ms = timeit(run, repeat=repeat, warmup=warmup + 2 * bool(mode), device=device)
+        times[name, precision] = ms
+        versus = [f"{times['plain eager', p] / ms:>7.2f}x" if ("plain eager", p) in times else f"{'-':>8}"
+                  for p in ("fp32", "bf16")]
         memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if cuda else "-"
-        versus = [f"{baseline[p] / ms:>7.2f}x" if p in baseline else f"{'-':>8}" for p in ("fp32", "bf16")]
-        print(f"{f'{name}, {precision}':<40} {ms:>9.2f} {step_flops / ms / 1e9:>8.3g} {' '.join(versus)} "
+        print(f"{f'{name}, {precision}':<44} {ms:>9.2f} {step_flops / ms / 1e9:>8.3g} {' '.join(versus)} "
               f"{ms / (step_flops / peak * 1e3):>8.1f} {memory:>9}")
     print("vs fp32 / vs bf16: how many times faster than the plain eager step (above 1 is faster)")
+
+    # Agreement: one step on the fixed tile, dropout off (its masks depend on the layout), against float64.
+    torch.manual_seed(0)
+    reference = UNet(**{**network, "dropout": 0.0})
+    def outputs(config, dtype=None):
+        model = copy.deepcopy(reference).to(device, dtype)
+        forward, _ = engine(model, config)
+        logits = forward(x.to(dtype or x.dtype))
+        weighted_cross_entropy(logits, y, w.to(dtype or w.dtype)).backward()
+        return logits.detach().double(), torch.cat([p.grad.flatten() for p in model.parameters()]).double()
+    exact = outputs(dataclasses.replace(base, engine="plain"), torch.float64)
+    relative = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    print(f"\none step on the fixed tile (dropout off) against the float64 step: ||a - b|| / ||b||")
+    print(f"{'engine, precision':<24} {'logits':>9} {'gradients':>10}")
+    for engine_name in ("plain", "fast"):
+        for precision in ("fp32", "bf16"):
+            logits, gradients = outputs(dataclasses.replace(base, engine=engine_name, precision=precision))
+            print(f"{f'{engine_name}, {precision}':<24} {relative(logits, exact[0]):>9.2e} {relative(gradients, exact[1]):>10.2e}")
 
 
 BENCHMARKS = {
@@ -326,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--data-dir", default=None, help="ISBI 2012 folder (default: $ISBI2012_DIR, then data/isbi2012)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes (seconds, for CI)")
+    parser.add_argument("--compile", nargs="*", default=[], metavar="MODE",
+                        help="train: also time the fast bf16 step with torch.compile in these modes "
+                             "(default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs)")
     args = parser.parse_args(argv)
     BENCHMARKS[args.which](args)
     return 0

@@ -33,7 +33,7 @@ from ronneberger2015 import io
 from ronneberger2015.data import DataError, load_isbi
 from ronneberger2015.metrics import evaluate
 from ronneberger2015.tiling import predict
-from ronneberger2015.train import PRESETS, TrainingDiverged, resolve_device, train
+from ronneberger2015.train import COMPILE_MODES, ENGINES, PRESETS, TrainingDiverged, resolve_device, train
 
 HELD_OUT = slice(20, 30)
 TRAIN_HELD_OUT = slice(0, 20)
@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
     parser.add_argument("--iterations", type=int, help="override the preset's number of SGD steps")
     parser.add_argument("--precision", choices=("fp32", "bf16"), help="override the preset's precision")
+    parser.add_argument("--engine", choices=ENGINES, help="override the preset's engine (fast or plain)")
+    parser.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile the network in this mode")
     parser.add_argument("--out", type=Path, help="run folder (default: runs/isbi-PRESET-seedSEED)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--data-dir", help="ISBI 2012 folder (default: $ISBI2012_DIR, then data/isbi2012)")
@@ -106,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     preset = args.preset or ("paper" if device.type == "cuda" else "smoke")
-    overrides = {"seed": args.seed, "iterations": args.iterations, "precision": args.precision}
+    overrides = {"seed": args.seed, "iterations": args.iterations, "precision": args.precision,
+                 "engine": args.engine, "compile": args.compile}
     config = dataclasses.replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
     out = args.out or Path("runs") / f"isbi-{preset}-seed{config.seed}"
     try:

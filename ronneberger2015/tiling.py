@@ -156,7 +156,7 @@ def _probabilities(model: nn.Module, tiles: torch.Tensor, transforms: Sequence[t
         probabilities = []
         for part in torch.cat([view for _, view in members]).split(chunk):
             with torch.autocast(part.device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(part)
+                logits = model(part.contiguous(memory_format=torch.channels_last))
             probabilities.append(torch.softmax(logits.float(), dim=1))
         for (transform, _), p in zip(members, torch.cat(probabilities).split(len(tiles))):
             outputs.append(_undo(p, *transform))
@@ -220,8 +220,10 @@ def predict(
     """Soft-max probabilities of ``model`` for an image or a stack, by overlap-tile (Fig. 2).
 
     Args:
-        model: a ``UNet``. It is moved to ``device`` (in place, as
-            ``Module.to``) and run in eval mode; its training flag is restored.
+        model: a ``UNet``. It is moved to ``device`` with channels_last
+            weights (in place, as ``Module.to``; the faster layout for
+            convolutions on CPUs and GPUs, same values) and run in eval mode;
+            its training flag is restored.
         image: (H, W) or a stack (Z, H, W) for a single-channel model; for
             ``in_channels`` C > 1, (C, H, W) or (Z, C, H, W) (a 4-D array is
             always a stack). uint8, uint16, or float in [0, 1] (no NaN).
@@ -281,7 +283,7 @@ def predict(
     count = len(stack) * len(rows) * len(cols)
     per_batch = min(max(1, batch_size // len(transforms)), max(count, 1))
 
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last)
     result = np.empty((len(stack), model.num_classes, *size), dtype=np.float32)
     batches = _batched(_tiles(stack, rows, cols, window, border, (below, right)), per_batch)
     forward = functools.partial(_probabilities, model, transforms=transforms, chunk=batch_size,

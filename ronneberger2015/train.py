@@ -8,11 +8,12 @@ current optimization step."
 The loop: the weight maps (Eq. 2) are computed once; images, targets and
 weights move to the device once; each iteration draws one augmented tile
 (Sec. 3.1, on the device), runs the network, the weighted soft-max loss
-(Eq. 1) and one SGD step. The loss is read back only every ``log_every``
-iterations, so the device never waits on the host in between. Checkpoints are
-written atomically; ``resume`` continues a killed run to the same weights it
-would have reached; a non-finite loss stops the run and keeps the last good
-checkpoint.
+(Eq. 1) and one SGD step; the ``engine`` decides only how that is executed
+(memory layout, SGD kernel, compilation), never what is computed. The loss is
+read back only every ``log_every`` iterations, so the device never waits on
+the host in between. Checkpoints are written atomically; ``resume`` continues
+a killed run to the same weights it would have reached; a non-finite loss
+stops the run and keeps the last good checkpoint.
 
 Command line: ``python -m ronneberger2015 train IMAGES LABELS -o RUN_DIR``.
 """
@@ -36,10 +37,18 @@ from .loss import weighted_cross_entropy
 from .network import UNet, output_size
 from .weightmap import target_and_weights
 
-__all__ = ["TrainConfig", "PRESETS", "train", "training_step", "TrainingDiverged", "resolve_device", "cli"]
+__all__ = ["TrainConfig", "PRESETS", "ENGINES", "COMPILE_MODES", "engine", "train", "training_step",
+           "TrainingDiverged", "resolve_device", "cli"]
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.csv"
+
+ENGINES = ("fast", "plain")
+"""How a step is executed. "fast": channels_last activations and weights, fused SGD. "plain": torch's
+defaults (NCHW, SGD's default kernel), the reference to debug against. Both compute the same step."""
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""``torch.compile`` modes for the network; "reduce-overhead" replays forward and backward as CUDA graphs."""
 
 
 @dataclass
@@ -50,7 +59,9 @@ class TrainConfig:
     sigma = 5 px, and the elastic deformation (3x3 grid, 10 px); it gives no
     learning rate, schedule or iteration count, so those are our choices
     (docs/training.md gives the reasons). The learning rate is constant,
-    Caffe's "fixed" policy.
+    Caffe's "fixed" policy. ``precision`` ("fp32" or "bf16" autocast),
+    ``engine`` (``ENGINES``) and ``compile`` (None or one of ``COMPILE_MODES``)
+    choose how the step runs (docs/performance.md measures them).
     """
 
     iterations: int = 10_000
@@ -60,6 +71,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     precision: str = "fp32"
+    engine: str = "fast"
+    compile: str | None = None
     w0: float = 10.0
     sigma: float = 5.0
     instances: bool | None = None
@@ -71,6 +84,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be None or one of {COMPILE_MODES}, got {self.compile!r}")
         if self.iterations < 1 or self.log_every < 1 or self.checkpoint_every % self.log_every:
             raise ValueError("iterations and log_every must be >= 1, and checkpoint_every a multiple of log_every")
         output_size(self.tile, self.network.get("depth", 4))  # names the nearest valid tiles
@@ -155,17 +172,42 @@ def plot_loss(rows: list[list], path: Path, title: str = "training loss") -> Non
     io.save_figure(figure, path, dpi=120)
 
 
-def training_step(model, optimizer, augmenter, stacks, generator, autocast) -> torch.Tensor:
+def engine(model: UNet, config: TrainConfig):
+    """The network's forward pass and the SGD optimizer (Sec. 3) as ``config`` runs them.
+
+    "fast" moves the model's weights to channels_last (in place, as
+    ``Module.to``), feeds it channels_last tiles and updates with the fused
+    SGD kernel; "plain" keeps torch's defaults. ``precision`` "bf16" wraps the
+    forward pass in bf16 autocast (weights, gradients and momentum stay
+    float32); ``compile`` compiles the forward pass (its backward follows).
+    Returns ``(forward, optimizer)``; ``forward(x)`` gives the logits.
+    """
+    fast = config.engine == "fast"
+    layout = torch.channels_last if fast else torch.contiguous_format
+    model.to(memory_format=layout)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum,
+                                weight_decay=config.weight_decay, fused=fast or None)
+    network = torch.compile(model, mode=config.compile) if config.compile else model
+    device_type = next(model.parameters()).device.type
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if config.compile:
+            torch.compiler.cudagraph_mark_step_begin()  # each call is a new step (for "reduce-overhead")
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            return network(x.contiguous(memory_format=layout))
+
+    return forward, optimizer
+
+
+def training_step(forward, optimizer, augmenter, stacks, generator) -> torch.Tensor:
     """One iteration (Sec. 3): an augmented tile (Sec. 3.1), forward, Eq. 1, backward, SGD step.
 
-    ``stacks`` are the (images, targets, weights) on the device; ``autocast``
-    a ``torch.autocast`` context (disabled for fp32). Returns the loss as a
-    device tensor, without waiting for it.
+    ``forward`` and ``optimizer`` come from ``engine``; ``stacks`` are the
+    (images, targets, weights) on the device. Returns the loss as a device
+    tensor, without waiting for it.
     """
     x, y, w = augmenter(*stacks, batch_size=1, generator=generator)
-    with autocast:
-        logits = model(x)
-    loss = weighted_cross_entropy(logits, y, w)
+    loss = weighted_cross_entropy(forward(x), y, w)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -219,9 +261,7 @@ def train(
 
     torch.manual_seed(config.seed)  # dropout draws from torch's global generator; it is checkpointed too
     model = UNet(**{"in_channels": 1, "num_classes": 2, **config.network}).to(device)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
-    )
+    forward, optimizer = engine(model, config)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     augmenter = Augmenter(config.tile, output_size(config.tile, model.depth), **config.augment)
     images_t, target_t, weight_t = _prepare(images, labels, config, device)
@@ -251,13 +291,12 @@ def train(
         })
         _write_log(run_dir / LOG, rows)
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     losses = torch.zeros(config.log_every, device=device)
     model.train()
     bar = tqdm(total=config.iterations, initial=start, disable=not progress, unit="it", desc="training", dynamic_ncols=True)
     for iteration in range(start, config.iterations):
         losses[iteration % config.log_every] = training_step(
-            model, optimizer, augmenter, (images_t, target_t, weight_t), generator, autocast
+            forward, optimizer, augmenter, (images_t, target_t, weight_t), generator
         )
         done = iteration + 1
         if done % config.log_every and done != config.iterations:
@@ -320,6 +359,8 @@ def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--lr", type=float, help="learning rate")
     parser.add_argument("--seed", type=int, help="run seed")
     parser.add_argument("--precision", choices=("fp32", "bf16"), help="fp32 (reference) or bf16 autocast")
+    parser.add_argument("--engine", choices=ENGINES, help="fast (channels_last, fused SGD; default) or plain (torch's defaults)")
+    parser.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile the network in this mode (default: not compiled)")
     parser.add_argument("--instances", action="store_true", help="labels are instance ids (0 = background)")
     parser.add_argument("--val", nargs=2, type=Path, metavar=("IMAGES", "LABELS"), help="evaluate on these after training")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -327,7 +368,8 @@ def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
 
     overrides = {"iterations": args.iterations, "tile": args.tile, "learning_rate": args.lr, "seed": args.seed,
-                 "precision": args.precision, "instances": True if args.instances else None}
+                 "precision": args.precision, "engine": args.engine, "compile": args.compile,
+                 "instances": True if args.instances else None}
     config = dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in overrides.items() if v is not None})
     images, labels = _read_pairs(args.images, args.labels)
     device = resolve_device(args.device)

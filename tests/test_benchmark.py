@@ -1,0 +1,40 @@
+"""The benchmarks run on the CPU in seconds (``--quick``), and what they print beside the timings holds."""
+import re
+
+import pytest
+
+from reproduce.benchmark import main
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """The benchmarks set torch's thread count for steadier timings; give the rest of the suite its own back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_train_benchmark_agreement(capsys):
+    """Every row is timed, and the fast engine's step is as close to the float64 step as the plain one."""
+    assert main(["train", "--quick", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for row in ("plain eager, fp32", "plain eager, bf16", "ours: training_step + augmentation, fp32",
+                "ours: training_step + augmentation, bf16"):
+        assert re.search(rf"^{re.escape(row)} +\d+\.\d+ ", out, re.M), row
+    error = {(e, p): (float(a), float(b)) for e, p, a, b in re.findall(r"^(plain|fast), (fp32|bf16) +(\S+) +(\S+)$", out, re.M)}
+    assert len(error) == 4
+    for engine in ("plain", "fast"):
+        assert max(error[engine, "fp32"]) < 1e-3
+        assert error[engine, "bf16"][0] < 3e-2
+    assert error["fast", "bf16"][1] < 1.25 * error["plain", "bf16"][1]
+
+
+def test_predict_benchmark_memory_does_not_grow(capsys):
+    """The network's largest input is the same for a 600 and a 1200 px image (bounded tiles, Fig. 2)."""
+    assert main(["predict", "--quick", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert len(re.findall(r"^predict\(tta=(True|False)\) +(fp32|bf16) ", out, re.M)) == 4
+    inputs = re.findall(r"^ +\d+x\d+ +\S+ +(\(.*?\))", out, re.M)
+    assert len(inputs) == 2 and inputs[0] == inputs[1]
