@@ -195,12 +195,12 @@ def test_fast_engine_computes_the_plain_step(device, monkeypatch):
     agrees with the plain step to rounding; in bf16 it is as far from the fp32 step as plain bf16 is."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 means fp32 on a GPU too
     torch.manual_seed(0)
-    network, tile = (dict(dropout=0.0), 572) if device == "cuda" else (dict(base_channels=8, dropout=0.0), 252)
+    network, tile = dict(base_channels=8, dropout=0.0), 252
     reference = UNet(**network)
     config = TrainConfig(tile=tile, learning_rate=1e-3, network=network)
     step = {(e, p): _one_step(reference, dataclasses.replace(config, engine=e, precision=p), tile, device)
             for e in ("plain", "fast") for p in ("fp32", "bf16")}
-    exact = 1e-5 if device == "cpu" else 1e-4
+    exact = 1e-5 if device == "cpu" else 1e-4  # cuDNN picks other algorithms for the two layouts
     for plain, fast in zip(step["plain", "fp32"], step["fast", "fp32"]):  # logits, gradients, updated weights
         assert _relative(fast, plain) < exact
     (logits, gradients, _), (plain_logits, plain_gradients, _) = step["fast", "bf16"], step["plain", "bf16"]
