@@ -49,6 +49,39 @@ def _device(args: argparse.Namespace):
     return resolve_device(args.device)
 
 
+def _forward_flops(network: dict, side: int) -> int:
+    """FLOPs (2 per multiply-add) of the convolutions in one forward pass of ``UNet(**network)`` on a
+    side x side input, counted on the meta device (shapes only, no arithmetic)."""
+    import torch
+    from torch import nn
+
+    from ronneberger2015.network import UNet
+
+    flops = []
+
+    def count(module, inputs, output):
+        spatial = (inputs[0] if isinstance(module, nn.ConvTranspose2d) else output).shape[-2:].numel()
+        flops.append(2 * module.in_channels * module.out_channels * module.weight[0, 0].numel() * spatial)
+
+    model = UNet(**network).to("meta")
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            module.register_forward_hook(count)
+    with torch.no_grad():
+        model(torch.empty(1, model.in_channels, side, side, device="meta"))
+    return sum(flops)
+
+
+def _matmul_peak(device) -> float:
+    """FLOP/s of a large matrix product on ``device``, bf16 on a GPU and fp32 on the CPU: the floor's rate."""
+    import torch
+
+    cuda = device.type == "cuda"
+    n = 8192 if cuda else 2048
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
+    return 2 * n**3 / (timeit(lambda: a @ a, repeat=5, device=device) / 1e3)
+
+
 # BENCHMARKS: one function per subcommand, each taking the parsed arguments.
 
 
@@ -171,15 +204,22 @@ def bench_predict(args: argparse.Namespace) -> None:
         function()
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
 
+    slice_flops = _forward_flops(network, 700)  # one pass over a mirrored slice
+    rate = _matmul_peak(device)
+    floor = slice_flops / rate * 1e3
     print(f"predict: UNet({', '.join(f'{k}={v}' for k, v in network.items())}) on {device} "
           f"(torch threads {torch.get_num_threads()}), stack of {slices} random 512x512 uint8 slices, "
-          f"median of {repeat} after {warmup} warm-up")
-    print(f"{'method':<36} {'precision':>9} {'ms/slice':>9} {'vs fp32':>8} {'vs bf16':>8} {'peak GPU':>9}")
+          f"median of {repeat} after {warmup} warm-up; {slice_flops / 1e12:.3g} TFLOP per pass over a slice; "
+          f"measured peak {rate / 1e12:.3g} TFLOP/s ({'bfloat16' if cuda else 'float32'} matrix product), "
+          f"floor {floor:.3g} ms per pass")
+    print(f"{'method':<36} {'precision':>9} {'ms/slice':>9} {'TFLOP/s':>8} {'vs fp32':>8} {'vs bf16':>8} "
+          f"{'x floor':>8} {'peak GPU':>9}")
     baselines = {}
 
-    def row(name: str, precision: str, ms: float, memory: str) -> None:
+    def row(name: str, precision: str, ms: float, memory: str, passes: int = 1) -> None:
         versus = [f"{baselines[p] / ms:>7.2f}x" if p in baselines else f"{'-':>8}" for p in ("fp32", "bf16")]
-        print(f"{name:<36} {precision:>9} {ms:>9.2f} {' '.join(versus)} {memory:>9}")
+        print(f"{name:<36} {precision:>9} {ms:>9.2f} {passes * slice_flops / ms / 1e9:>8.3g} {' '.join(versus)} "
+              f"{ms / (passes * floor):>8.1f} {memory:>9}")
 
     for precision in ("fp32", "bf16"):
         if warmup == 0:  # the CPU's one-time set-up of each layout and precision, outside the single timing
@@ -189,7 +229,8 @@ def bench_predict(args: argparse.Namespace) -> None:
         row("plain: one pass per mirrored slice", precision, baselines[precision], peak(lambda: plain(precision)))
         for tta in (False, True):
             run = lambda: predict(model, stack, tta=tta, precision=precision)  # noqa: E731
-            row(f"predict(tta={tta})", precision, timeit(run, repeat=repeat, warmup=warmup, device=device) / slices, peak(run))
+            ms = timeit(run, repeat=repeat, warmup=warmup, device=device) / slices
+            row(f"predict(tta={tta})", precision, ms, peak(run), passes=8 if tta else 1)
     print("vs fp32 / vs bf16: how many times faster than the plain pass (above 1 is faster; TTA does 8 passes)")
 
     # Memory against image size: the network only ever sees bounded batches of tiles.
@@ -267,8 +308,6 @@ def bench_train(args: argparse.Namespace) -> None:
     import dataclasses
 
     import torch
-    from torch import nn
-
     from ronneberger2015.augment import Augmenter
     from ronneberger2015.loss import weighted_cross_entropy
     from ronneberger2015.network import UNet
@@ -291,21 +330,9 @@ def bench_train(args: argparse.Namespace) -> None:
     augmenter = Augmenter(tile, out)
     base = TrainConfig(tile=tile, learning_rate=1e-4, network={**TrainConfig().network, **network})
 
-    flops = []
-    def count(module, inputs, output):
-        spatial = (inputs[0] if isinstance(module, nn.ConvTranspose2d) else output).shape[-2:].numel()
-        flops.append(2 * module.in_channels * module.out_channels * module.weight[0, 0].numel() * spatial)
-    probe = UNet(**network).to(device)
-    handles = [m.register_forward_hook(count) for m in probe.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
-    with torch.no_grad():
-        probe(x)
-    [handle.remove() for handle in handles]
-    step_flops = 3 * sum(flops)
-
-    dtype = torch.bfloat16 if cuda else torch.float32
-    a = torch.randn(8192 if cuda else 2048, 8192 if cuda else 2048, device=device, dtype=dtype)
-    peak = 2 * a.shape[0] ** 3 / (timeit(lambda: a @ a, repeat=5, device=device) / 1e3)
-    del a  # peak GPU memory below: the step and the 20 training slices it draws from
+    step_flops = 3 * _forward_flops(network, tile)  # forward, input gradients, weight gradients
+    peak = _matmul_peak(device)
+    precision_of_peak = "bfloat16" if cuda else "float32"
 
     def step(config, source):
         """A step of a fresh network: the plain baseline reads one fixed tile, ours draws augmented ones."""
@@ -321,7 +348,7 @@ def bench_train(args: argparse.Namespace) -> None:
 
     print(f"training step: UNet({', '.join(f'{k}={v}' for k, v in network.items())}), {tile}x{tile} tile, batch 1, on "
           f"{device} (torch {torch.__version__}, threads {torch.get_num_threads()}); {step_flops / 1e12:.3g} TFLOP per step; "
-          f"measured peak {peak / 1e12:.3g} TFLOP/s ({str(dtype).removeprefix('torch.')} matrix product), "
+          f"measured peak {peak / 1e12:.3g} TFLOP/s ({precision_of_peak} matrix product), "
           f"floor {step_flops / peak * 1e3:.2f} ms; median of {repeat} after {warmup} warm-up")
     print(f"{'method':<44} {'ms/step':>9} {'TFLOP/s':>8} {'vs fp32':>8} {'vs bf16':>8} {'x floor':>8} {'peak GPU':>9}")
     times = {}
