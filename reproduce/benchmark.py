@@ -72,14 +72,15 @@ def _forward_flops(network: dict, side: int) -> int:
     return sum(flops)
 
 
-def _matmul_peak(device) -> float:
-    """FLOP/s of a large matrix product on ``device``, bf16 on a GPU and fp32 on the CPU: the floor's rate."""
+def _matmul_peak(device) -> tuple[float, str]:
+    """FLOP/s of a large matrix product on ``device``, the floor's rate, and its dtype's name: bfloat16 on a
+    GPU, float32 on the CPU."""
     import torch
 
     cuda = device.type == "cuda"
-    n = 8192 if cuda else 2048
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
-    return 2 * n**3 / (timeit(lambda: a @ a, repeat=5, device=device) / 1e3)
+    n, dtype = (8192, torch.bfloat16) if cuda else (2048, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / (timeit(lambda: a @ a, repeat=5, device=device) / 1e3), str(dtype).removeprefix("torch.")
 
 
 # BENCHMARKS: one function per subcommand, each taking the parsed arguments.
@@ -205,12 +206,12 @@ def bench_predict(args: argparse.Namespace) -> None:
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
 
     slice_flops = _forward_flops(network, 700)  # one pass over a mirrored slice
-    rate = _matmul_peak(device)
+    rate, rate_dtype = _matmul_peak(device)
     floor = slice_flops / rate * 1e3
     print(f"predict: UNet({', '.join(f'{k}={v}' for k, v in network.items())}) on {device} "
           f"(torch threads {torch.get_num_threads()}), stack of {slices} random 512x512 uint8 slices, "
           f"median of {repeat} after {warmup} warm-up; {slice_flops / 1e12:.3g} TFLOP per pass over a slice; "
-          f"measured peak {rate / 1e12:.3g} TFLOP/s ({'bfloat16' if cuda else 'float32'} matrix product), "
+          f"measured peak {rate / 1e12:.3g} TFLOP/s ({rate_dtype} matrix product), "
           f"floor {floor:.3g} ms per pass")
     print(f"{'method':<36} {'precision':>9} {'ms/slice':>9} {'TFLOP/s':>8} {'vs fp32':>8} {'vs bf16':>8} "
           f"{'x floor':>8} {'peak GPU':>9}")
@@ -308,6 +309,7 @@ def bench_train(args: argparse.Namespace) -> None:
     import dataclasses
 
     import torch
+
     from ronneberger2015.augment import Augmenter
     from ronneberger2015.loss import weighted_cross_entropy
     from ronneberger2015.network import UNet
@@ -331,8 +333,7 @@ def bench_train(args: argparse.Namespace) -> None:
     base = TrainConfig(tile=tile, learning_rate=1e-4, network={**TrainConfig().network, **network})
 
     step_flops = 3 * _forward_flops(network, tile)  # forward, input gradients, weight gradients
-    peak = _matmul_peak(device)
-    precision_of_peak = "bfloat16" if cuda else "float32"
+    peak, peak_dtype = _matmul_peak(device)
 
     def step(config, source):
         """A step of a fresh network: the plain baseline reads one fixed tile, ours draws augmented ones."""
@@ -348,7 +349,7 @@ def bench_train(args: argparse.Namespace) -> None:
 
     print(f"training step: UNet({', '.join(f'{k}={v}' for k, v in network.items())}), {tile}x{tile} tile, batch 1, on "
           f"{device} (torch {torch.__version__}, threads {torch.get_num_threads()}); {step_flops / 1e12:.3g} TFLOP per step; "
-          f"measured peak {peak / 1e12:.3g} TFLOP/s ({precision_of_peak} matrix product), "
+          f"measured peak {peak / 1e12:.3g} TFLOP/s ({peak_dtype} matrix product), "
           f"floor {step_flops / peak * 1e3:.2f} ms; median of {repeat} after {warmup} warm-up")
     print(f"{'method':<44} {'ms/step':>9} {'TFLOP/s':>8} {'vs fp32':>8} {'vs bf16':>8} {'x floor':>8} {'peak GPU':>9}")
     times = {}

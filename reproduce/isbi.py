@@ -33,7 +33,7 @@ from ronneberger2015 import io
 from ronneberger2015.data import DataError, load_isbi
 from ronneberger2015.metrics import evaluate
 from ronneberger2015.tiling import predict
-from ronneberger2015.train import COMPILE_MODES, ENGINES, PRESETS, TrainingDiverged, resolve_device, train
+from ronneberger2015.train import COMPILE_MODES, ENGINES, PRECISIONS, PRESETS, TrainingDiverged, resolve_device, train
 
 HELD_OUT = slice(20, 30)
 TRAIN_HELD_OUT = slice(0, 20)
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), help="paper (default on a GPU) or smoke (default on a CPU)")
     parser.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
     parser.add_argument("--iterations", type=int, help="override the preset's number of SGD steps")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), help="override the preset's precision")
+    parser.add_argument("--precision", choices=PRECISIONS, help="override the preset's precision")
     parser.add_argument("--engine", choices=ENGINES, help="override the preset's engine (fast or plain)")
     parser.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile the network in this mode")
     parser.add_argument("--out", type=Path, help="run folder (default: runs/isbi-PRESET-seedSEED)")

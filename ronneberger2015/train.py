@@ -37,11 +37,14 @@ from .loss import weighted_cross_entropy
 from .network import UNet, output_size
 from .weightmap import target_and_weights
 
-__all__ = ["TrainConfig", "PRESETS", "ENGINES", "COMPILE_MODES", "engine", "train", "training_step",
+__all__ = ["TrainConfig", "PRESETS", "PRECISIONS", "ENGINES", "COMPILE_MODES", "engine", "train", "training_step",
            "TrainingDiverged", "resolve_device", "cli"]
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.csv"
+
+PRECISIONS = ("fp32", "bf16")
+"""fp32, the reference; or bf16 autocast around the network (weights, gradients, momentum and loss in float32)."""
 
 ENGINES = ("fast", "plain")
 """How a step is executed. "fast": channels_last activations and weights, fused SGD. "plain": torch's
@@ -82,8 +85,8 @@ class TrainConfig:
     augment: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.compile is not None and self.compile not in COMPILE_MODES:
@@ -358,7 +361,7 @@ def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--tile", type=int, help="input tile side (a valid size, e.g. 572)")
     parser.add_argument("--lr", type=float, help="learning rate")
     parser.add_argument("--seed", type=int, help="run seed")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), help="fp32 (reference) or bf16 autocast")
+    parser.add_argument("--precision", choices=PRECISIONS, help="fp32 (reference) or bf16 autocast")
     parser.add_argument("--engine", choices=ENGINES, help="fast (channels_last, fused SGD; default) or plain (torch's defaults)")
     parser.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile the network in this mode (default: not compiled)")
     parser.add_argument("--instances", action="store_true", help="labels are instance ids (0 = background)")
