@@ -303,7 +303,8 @@ def bench_train(args: argparse.Namespace) -> None:
     of a large matrix product on the same device. Last, how far one step of
     each engine and precision lies from the float64 step on the same tile
     (logits, all gradients). The paper's network and 572 tile on a GPU;
-    narrower on the CPU (``--quick``: narrower still and a 252 tile).
+    narrower on the CPU (``--quick``: narrower still and a 252 tile), unless
+    ``--base-channels`` sets the width.
     """
     import copy
     import dataclasses
@@ -320,6 +321,8 @@ def bench_train(args: argparse.Namespace) -> None:
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     network, tile = ({}, 572) if cuda else ({"base_channels": 4}, 252) if args.quick else ({"base_channels": 16}, 572)
+    if args.base_channels:
+        network = {"base_channels": args.base_channels}
     repeat, warmup = (3, 1) if args.quick else (50, 10) if cuda else (5, 1)
     torch.manual_seed(0)
     generator = torch.Generator(device).manual_seed(0)
@@ -400,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--data-dir", default=None, help="ISBI 2012 folder (default: $ISBI2012_DIR, then data/isbi2012)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes (seconds, for CI)")
+    parser.add_argument("--base-channels", type=int, metavar="N",
+                        help="train: the network's width (default: 64 on a GPU, 16 on the CPU, 4 with --quick)")
     parser.add_argument("--compile", nargs="*", default=[], metavar="MODE",
                         help="train: also time the fast bf16 step with torch.compile in these modes "
                              "(default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs)")
