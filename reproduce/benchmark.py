@@ -333,7 +333,7 @@ def bench_train(args: argparse.Namespace) -> None:
     stacks = (torch.rand(20, 512, 512, device=device, generator=generator), y.new_zeros(20, 512, 512),
               torch.ones(20, 512, 512, device=device))
     augmenter = Augmenter(tile, out)
-    base = TrainConfig(tile=tile, learning_rate=1e-4, network={**TrainConfig().network, **network})
+    base = TrainConfig(input_tile=tile, learning_rate=1e-4, network={**TrainConfig().network, **network})
 
     step_flops = 3 * _forward_flops(network, tile)  # forward, input gradients, weight gradients
     peak, peak_dtype = _matmul_peak(device)

@@ -20,7 +20,7 @@ def _run(command: str, argv: list[str]) -> int:
     module = importlib.import_module(COMMANDS[command][0])
     try:
         return module.cli(argv, prog=f"python -m ronneberger2015 {command}") or 0
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

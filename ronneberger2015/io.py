@@ -1,6 +1,6 @@
 """Reading and writing images, stacks and run files; every write is atomic.
 
-Images come in as TIFF (one page, or a stack of pages) or PNG and leave as
+Images come in as TIFF (one page, or a stack of pages), PNG or GIF and leave as
 float32 TIFF, one page per slice, the ISBI 2012 submission format. Every file
 is first written under a temporary name in its target folder and then renamed
 over the target, so a run that is killed never leaves a half-written file and
@@ -9,6 +9,7 @@ never destroys the previous good copy.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import uuid
@@ -18,13 +19,17 @@ from typing import Iterator
 import numpy as np
 import tifffile
 import torch
+from PIL import Image
 from skimage import io as skio
 
 __all__ = [
     "atomic_path",
+    "IMAGE_SUFFIXES",
     "read_image",
+    "read_images",
     "write_tiff",
     "write_json",
+    "read_json",
     "save_figure",
     "save_checkpoint",
     "load_checkpoint",
@@ -36,7 +41,8 @@ __all__ = [
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
 
-    On any exception the temporary file is removed and ``path`` is untouched.
+    On any exception the temporary file is removed and ``path`` is untouched; a
+    full disk is named as such.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,33 +51,84 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        raise OSError(errno.ENOSPC, f"no space left on device while writing {path}; the previous {path.name}, if "
+                      "any, is unchanged: free some space and run again") from error
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read a TIFF (2D page or multi-page stack) or a PNG as a numpy array.
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".gif")
+"""The image files every command reads: TIFF (one page or a stack), PNG and GIF, one grey channel."""
 
-    Returns (H, W) for a single image and (Z, H, W) for a stack; colour PNGs
-    are rejected rather than silently converted. Raises ``FileNotFoundError``
-    for a missing file and ``ValueError`` naming the file for one that cannot
-    be decoded.
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a TIFF (2D page or multi-page stack), a PNG or a GIF as a numpy array.
+
+    Returns (H, W) for a single image and (Z, H, W) for a stack. Colour images
+    (RGB or RGBA samples, a palette with colours) are refused, not converted:
+    the network takes one grey channel. Raises ``FileNotFoundError`` for a
+    missing file and ``ValueError`` naming the file for one that cannot be
+    decoded, and the package to install where a codec is missing.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     suffix = path.suffix.lower()
-    if suffix not in (".tif", ".tiff", ".png"):
-        raise ValueError(f"{path}: unsupported file type {suffix!r}; use .tif, .tiff or .png")
+    if suffix not in IMAGE_SUFFIXES:
+        raise ValueError(f"{path}: unsupported file type {suffix!r}; use .tif, .tiff, .png or .gif")
     try:
-        array = tifffile.imread(path) if suffix != ".png" else skio.imread(path)
+        array, colour = _decode(path, suffix)
     except Exception as error:  # decoders raise many types for a corrupt file
+        if "imagecodecs" in str(error):
+            raise ValueError(f"{path}: its compression needs the imagecodecs package ({error}); "
+                             "pip install imagecodecs") from error
         raise ValueError(f"{path}: cannot be read as an image ({error}); is the file complete?") from error
-    if suffix == ".png" and array.ndim == 3:
-        raise ValueError(f"{path}: a colour PNG of shape {array.shape}; save it as a single-channel grey image")
+    if colour:
+        raise ValueError(f"{path}: a colour image (shape {array.shape}); the network takes one grey channel: "
+                         "convert it first, e.g. keep one channel or use skimage.color.rgb2gray, and save it as "
+                         "a grey TIFF or PNG")
     if array.ndim not in (2, 3):
         raise ValueError(f"{path}: expected a 2D image or a stack of 2D slices, got shape {array.shape}")
     return array
+
+
+def _decode(path: Path, suffix: str) -> tuple[np.ndarray, bool]:
+    """The pixels of ``path`` and whether they are colour."""
+    if suffix in (".tif", ".tiff"):
+        with tifffile.TiffFile(path) as tiff:
+            series = tiff.series[0]
+            return series.asarray(), "S" in series.axes  # S: samples per pixel (RGB, RGBA)
+    if suffix == ".gif":
+        with Image.open(path) as image:  # the first frame; palette and grey GIFs hold indices or grey levels
+            rgb = np.asarray(image.convert("RGB"))
+        grey = (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+        return (rgb[..., 0], False) if grey else (rgb, True)
+    array = skio.imread(path)
+    return array, array.ndim == 3 and array.shape[-1] in (2, 3, 4)
+
+
+def read_images(path: str | os.PathLike) -> tuple[np.ndarray, list[Path]]:
+    """A (Z, H, W) stack and the files it came from: a TIFF stack or one image file, or a folder of images
+    (``IMAGE_SUFFIXES``, one slice each, in the order of their sorted names, all of one size)."""
+    path = Path(path)
+    if not path.is_dir():
+        array = read_image(path)
+        return (array if array.ndim == 3 else array[None]), [path]
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not files:
+        raise ValueError(f"{path}: a folder with no {', '.join(IMAGE_SUFFIXES)} files")
+    slices = [read_image(p) for p in files]
+    stacks = [f.name for f, s in zip(files, slices) if s.ndim != 2]
+    if stacks:
+        raise ValueError(f"{path}: a folder holds one 2D image per file, but {stacks[0]} is a stack")
+    sizes = sorted({s.shape for s in slices})
+    if len(sizes) > 1:
+        raise ValueError(f"{path}: the images differ in size ({', '.join(f'{h}x{w}' for h, w in sizes)}); "
+                         "crop or pad them to one size, or give them one by one")
+    return np.stack(slices), files
 
 
 def write_tiff(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -84,6 +141,15 @@ def write_json(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` atomically as indented JSON."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike):
+    """Read a JSON file written by ``write_json``; ``ValueError`` naming the file if it is not JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not a JSON file ({error})") from error
 
 
 def save_figure(figure, path: str | os.PathLike, **kwargs) -> None:

@@ -47,6 +47,8 @@ __all__ = [
     "warping_error",
     "vrand",
     "vinfo",
+    "iou",
+    "dice",
     "evaluate",
     "METRICS",
     "warp",
@@ -496,6 +498,37 @@ def warping_error(proposal, truth, *, details: bool = False):
     counts "splits", "mergers" and "other" (remaining pixels not counted).
     """
     return _report(_warping(*_prepare(proposal, truth)), details)
+
+
+# ---------------------------------------------------------------------------
+# Foreground overlap: IOU (Jaccard index) and Dice
+
+
+def _foreground(proposal, truth, threshold: float) -> tuple[int, int, int]:
+    """Pixel counts |P & T|, |P|, |T| of P = ``proposal > threshold`` and T = ``truth > 0`` over all slices."""
+    proposal, inside = _prepare(proposal, truth)
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"threshold must lie in [0, 1), got {threshold}")
+    predicted = proposal > threshold
+    return int(np.count_nonzero(predicted & inside)), int(np.count_nonzero(predicted)), int(np.count_nonzero(inside))
+
+
+def iou(proposal, truth, *, threshold: float = 0.5) -> float:
+    """Foreground intersection over union |P & T| / |P | T| of P = ``proposal > threshold`` and T = ``truth > 0``.
+
+    Pixels of all slices are counted together; 1 where both are empty. This is
+    the plain pixel IOU of the cell class, not the cell tracking challenge's
+    object-wise SEG measure.
+    """
+    both, predicted, true = _foreground(proposal, truth, threshold)
+    union = predicted + true - both
+    return both / union if union else 1.0
+
+
+def dice(proposal, truth, *, threshold: float = 0.5) -> float:
+    """Foreground Dice coefficient 2 |P & T| / (|P| + |T|), with P and T as in ``iou``; 1 where both are empty."""
+    both, predicted, true = _foreground(proposal, truth, threshold)
+    return 2 * both / (predicted + true) if predicted + true else 1.0
 
 
 # ---------------------------------------------------------------------------

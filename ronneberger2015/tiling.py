@@ -248,7 +248,8 @@ def predict(
 
     Returns:
         float32 (K, H, W) for one image, (Z, K, H, W) for a stack; K =
-        ``model.num_classes``.
+        ``model.num_classes``. A non-finite output (broken weights) raises
+        ``FloatingPointError`` instead.
 
     Mirroring (numpy ``reflect``: the edge pixel is not repeated) adds
     ``model.border`` pixels on each side; where a side is shorter than that,
@@ -295,6 +296,9 @@ def predict(
             _run(model, batches, result, forward, window, tile, per_batch, device, bar)
     finally:
         model.train(training)
+    if not np.isfinite(result).all():
+        raise FloatingPointError(f"the network's output is not finite at {np.count_nonzero(~np.isfinite(result))} "
+                                 "of its values: its weights are broken (e.g. by a diverged training run)")
     return result[0] if single else result
 
 

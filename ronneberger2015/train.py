@@ -11,9 +11,12 @@ weights move to the device once; each iteration draws one augmented tile
 (Eq. 1) and one SGD step; the ``engine`` decides only how that is executed
 (memory layout, SGD kernel, compilation), never what is computed. The loss is
 read back only every ``log_every`` iterations, so the device never waits on
-the host in between. Checkpoints are written atomically; ``resume`` continues
-a killed run to the same weights it would have reached; a non-finite loss
-stops the run and keeps the last good checkpoint.
+the host in between. With validation data, held-out scores are computed every
+``validate_every`` iterations (``validation``) and the best weights kept as
+``best.pt``. Checkpoints are written atomically, and only once their weights
+give a finite loss; ``resume`` continues a killed run to the same weights it
+would have reached; a non-finite loss stops the run and keeps the last good
+checkpoint.
 
 Command line: ``python -m ronneberger2015 train IMAGES LABELS -o RUN_DIR``.
 """
@@ -23,7 +26,9 @@ import argparse
 import csv
 import dataclasses
 import math
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,15 +38,21 @@ from tqdm import tqdm
 
 from . import io
 from .augment import Augmenter
+from .commandline import add_threads, renamed, require, set_threads
 from .loss import weighted_cross_entropy
 from .network import UNet, output_size
+from .tiling import predict
+from .validation import SCORES, Validation, diagnose, improves, validate, validation_set
 from .weightmap import target_and_weights
 
-__all__ = ["TrainConfig", "PRESETS", "PRECISIONS", "ENGINES", "COMPILE_MODES", "engine", "train", "training_step",
-           "TrainingDiverged", "resolve_device", "cli"]
+__all__ = ["TrainConfig", "PRESETS", "PRECISIONS", "ENGINES", "COMPILE_MODES", "RESUMABLE", "engine", "train",
+           "training_step", "TrainingDiverged", "TrainingWarning", "resolve_device"]
 
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
 LOG = "log.csv"
+CONFIG = "config.json"
+SUMMARY = "summary.json"
 
 PRECISIONS = ("fp32", "bf16")
 """fp32, the reference; or bf16 autocast around the network (weights, gradients, momentum and loss in float32)."""
@@ -50,8 +61,14 @@ ENGINES = ("fast", "plain")
 """How a step is executed. "fast": channels_last activations and weights, fused SGD. "plain": torch's
 defaults (NCHW, SGD's default kernel), the reference to debug against. Both compute the same step."""
 
+LAYOUTS = {"fast": torch.channels_last, "plain": torch.contiguous_format}
+"""The memory layout of weights and tiles for each engine."""
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 """``torch.compile`` modes for the network; "reduce-overhead" replays forward and backward as CUDA graphs."""
+
+RESUMABLE = ("iterations", "learning_rate", "validate_every")
+"""Settings a resumed run may change (the log records each iteration's learning rate); all others must match."""
 
 
 @dataclass
@@ -61,14 +78,18 @@ class TrainConfig:
     The paper fixes momentum 0.99, batch 1, the weight map's w0 = 10 and
     sigma = 5 px, and the elastic deformation (3x3 grid, 10 px); it gives no
     learning rate, schedule or iteration count, so those are our choices
-    (docs/training.md gives the reasons). The learning rate is constant,
+    (docs/training.md gives the reasons). ``input_tile`` is the side of the
+    network's input tile (572 in Fig. 1). The learning rate is constant,
     Caffe's "fixed" policy. ``precision`` ("fp32" or "bf16" autocast),
     ``engine`` (``ENGINES``) and ``compile`` (None or one of ``COMPILE_MODES``)
     choose how the step runs (docs/performance.md measures them).
+    ``class_balance`` is the weight map's w_c (Eq. 2). With validation data,
+    scores are computed every ``validate_every`` iterations (0: at the end
+    only) and ``select_by`` (one of ``validation.SCORES``) chooses ``best.pt``.
     """
 
     iterations: int = 10_000
-    tile: int = 572
+    input_tile: int = 572
     learning_rate: float = 3e-4
     momentum: float = 0.99
     weight_decay: float = 0.0
@@ -78,9 +99,12 @@ class TrainConfig:
     compile: str | None = None
     w0: float = 10.0
     sigma: float = 5.0
+    class_balance: bool = True
     instances: bool | None = None
     log_every: int = 50
     checkpoint_every: int = 1000
+    validate_every: int = 1000
+    select_by: str = "vrand"
     network: dict = field(default_factory=lambda: dict(base_channels=64, depth=4, dropout=0.5, variant="paper"))
     augment: dict = field(default_factory=dict)
 
@@ -91,28 +115,46 @@ class TrainConfig:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be None or one of {COMPILE_MODES}, got {self.compile!r}")
-        if self.iterations < 1 or self.log_every < 1 or self.checkpoint_every % self.log_every:
-            raise ValueError("iterations and log_every must be >= 1, and checkpoint_every a multiple of log_every")
-        output_size(self.tile, self.network.get("depth", 4))  # names the nearest valid tiles
+        if self.select_by not in SCORES:
+            raise ValueError(f"select_by must be one of {tuple(SCORES)}, got {self.select_by!r}")
+        if self.iterations < 1 or self.log_every < 1 or self.checkpoint_every % self.log_every \
+                or self.validate_every < 0 or self.validate_every % self.log_every:
+            raise ValueError("iterations and log_every must be >= 1, and checkpoint_every and validate_every "
+                             f"multiples of log_every ({self.log_every})")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        output_size(self.input_tile, self.network.get("depth", 4))  # names the nearest valid tiles
 
 
 PRESETS = {
     # The paper's setting on a GPU: Fig. 1 network and tile.
     "paper": TrainConfig(),
+    # About an hour on two CPU cores: the paper's tile and recipe with a 16-channel network (bf16 autocast).
+    "cpu": TrainConfig(
+        iterations=12_000,
+        learning_rate=1e-3,
+        precision="bf16",
+        network=dict(base_channels=16, depth=4, dropout=0.5, variant="paper"),
+    ),
     # A few minutes on two CPU cores: a narrow network, short schedule. Not the paper's schedule.
     "smoke": TrainConfig(
         iterations=800,
-        tile=252,
+        input_tile=252,
         learning_rate=3e-4,
         log_every=25,
         checkpoint_every=100,
+        validate_every=400,
         network=dict(base_channels=8, depth=4, dropout=0.5, variant="paper"),
     ),
 }
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss (or the validation output) became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainingWarning(UserWarning):
+    """The run ended but did not learn: its loss did not fall, or its output is near-constant."""
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
@@ -128,53 +170,6 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
     return device
 
 
-def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
-    state = {"augment": generator.get_state(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device) -> None:
-    generator.set_state(state["augment"])
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _write_log(path: Path, rows: list[list]) -> None:
-    with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as out:
-        writer = csv.writer(out)
-        writer.writerow(["iteration", "loss", "learning_rate"])
-        writer.writerows(rows)
-
-
-def _read_log(path: Path, up_to: int) -> list[list]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as source:
-        rows = list(csv.reader(source))[1:]
-    return [[int(r[0]), float(r[1]), float(r[2])] for r in rows if int(r[0]) <= up_to]
-
-
-def plot_loss(rows: list[list], path: Path, title: str = "training loss") -> None:
-    """Loss curve (per-iteration values and their running mean) as a PNG."""
-    from matplotlib.figure import Figure  # not pyplot: leaves the caller's backend alone
-
-    iterations = np.array([r[0] for r in rows])
-    losses = np.array([r[1] for r in rows])
-    figure = Figure(figsize=(6, 3.5), layout="constrained")
-    axis = figure.subplots()
-    axis.plot(iterations, losses, lw=0.5, alpha=0.4, label="per iteration")
-    window = max(1, len(losses) // 50)
-    if len(losses) >= window:
-        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-        axis.plot(iterations[window - 1 :], smooth, lw=1.5, label=f"mean of {window}")
-    axis.set(xlabel="iteration", ylabel="weighted cross entropy (Eq. 1)", title=title, yscale="log")
-    axis.legend()
-    io.save_figure(figure, path, dpi=120)
-
-
 def engine(model: UNet, config: TrainConfig):
     """The network's forward pass and the SGD optimizer (Sec. 3) as ``config`` runs them.
 
@@ -186,7 +181,7 @@ def engine(model: UNet, config: TrainConfig):
     Returns ``(forward, optimizer)``; ``forward(x)`` gives the logits.
     """
     fast = config.engine == "fast"
-    layout = torch.channels_last if fast else torch.contiguous_format
+    layout = LAYOUTS[config.engine]
     model.to(memory_format=layout)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum,
                                 weight_decay=config.weight_decay, fused=fast or None)
@@ -217,7 +212,11 @@ def training_step(forward, optimizer, augmenter, stacks, generator) -> torch.Ten
     return loss.detach()
 
 
-def _prepare(images: np.ndarray, labels: np.ndarray, config: TrainConfig, device: torch.device):
+# ---------------------------------------------------------------------------
+# Inputs
+
+
+def _stacks(images: np.ndarray, labels: np.ndarray, config: TrainConfig, device: torch.device):
     """Images as float [0, 1], targets and weight maps (Eq. 2, computed once), all on ``device``."""
     images, labels = np.asarray(images), np.asarray(labels)
     if images.ndim == 2:
@@ -226,12 +225,237 @@ def _prepare(images: np.ndarray, labels: np.ndarray, config: TrainConfig, device
         raise ValueError(
             f"images and labels must be (H, W) or (Z, H, W) of one shape, got {images.shape} and {labels.shape}"
         )
-    target, weight = target_and_weights(labels, w0=config.w0, sigma=config.sigma, instances=config.instances)
+    target, weight = target_and_weights(labels, w0=config.w0, sigma=config.sigma, instances=config.instances,
+                                        class_balance=config.class_balance)
     return (
         torch.from_numpy(io.image_to_float(images)).to(device),
         torch.from_numpy(np.ascontiguousarray(target)).long().to(device),
         torch.from_numpy(np.ascontiguousarray(weight)).float().to(device),
     )
+
+
+def _validation(validation, config: TrainConfig) -> Validation | None:
+    """The validation images and the binary target of their labels, read as the training labels are."""
+    if validation is None:
+        return None
+    images, labels = validation
+    io.image_to_float(np.asarray(images))  # the same checks as the training images, before any training
+    target = target_and_weights(labels, w0=0.0, instances=config.instances, class_balance=False)[0]
+    return validation_set(images, target)
+
+
+# ---------------------------------------------------------------------------
+# The run folder: config.json, log.csv, checkpoint.pt, best.pt, loss.png, summary.json
+
+
+def _resume_point(run_dir: Path, config: TrainConfig, resume: bool) -> dict | None:
+    """The checkpoint to continue from (None: a fresh run), after every check and before any write."""
+    path = run_dir / CHECKPOINT
+    if not path.exists():
+        if resume:
+            warnings.warn(f"--resume: {path} does not exist, so a new run starts in {run_dir}", TrainingWarning,
+                          stacklevel=3)
+        return None
+    if not resume:
+        raise FileExistsError(f"{path} exists: pass --resume to continue that run, or choose another output folder")
+    checkpoint = io.load_checkpoint(path)
+    saved = {**dataclasses.asdict(TrainConfig()), **checkpoint["config"]}  # settings added later: defaults
+    if "tile" in saved:  # the input tile's earlier name
+        saved["input_tile"] = saved.pop("tile")
+    mine = dataclasses.asdict(config)
+    changed = sorted(k for k in mine if k not in RESUMABLE and saved.get(k) != mine[k])
+    if changed:
+        raise ValueError(f"{path} was written with other settings ({', '.join(changed)}); resume with the same "
+                         f"settings (only {', '.join(RESUMABLE)} may change) or start a new run folder")
+    if checkpoint["iteration"] >= config.iterations:
+        raise ValueError(f"{run_dir} has already trained {checkpoint['iteration']} iterations; to continue, give "
+                         f"more than {checkpoint['iteration']} iterations")
+    return checkpoint
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    columns = ["iteration", "loss", "learning_rate"]
+    columns += [name for name in (*SCORES, "output_std") if any(name in row for row in rows)]
+    with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as out:
+        writer = csv.DictWriter(out, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_log(path: str | Path, up_to: int | None = None) -> list[dict]:
+    """The rows of a run's log.csv (up to iteration ``up_to``) as dicts of numbers; blank cells left out."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, newline="") as source:
+        rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(source)]
+    for row in rows:
+        row["iteration"] = int(row["iteration"])
+    return [row for row in rows if up_to is None or row["iteration"] <= up_to]
+
+
+def plot_loss(rows: list[dict], path: Path, title: str = "training loss") -> None:
+    """The loss curve (per-iteration values and their running mean) and, where logged, the validation
+    scores below it (the learning curve), as a PNG."""
+    from matplotlib.figure import Figure  # not pyplot: leaves the caller's backend alone
+
+    iterations = np.array([r["iteration"] for r in rows])
+    losses = np.array([r["loss"] for r in rows])
+    validated = [r for r in rows if "output_std" in r]
+    figure = Figure(figsize=(6, 6 if validated else 3.5), layout="constrained")
+    axes = figure.subplots(2 if validated else 1, 1, sharex=True, squeeze=False)[:, 0]
+    axes[0].plot(iterations, losses, lw=0.5, alpha=0.4, label="per iteration")
+    window = max(1, len(losses) // 50)
+    if len(losses) >= window:
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        axes[0].plot(iterations[window - 1 :], smooth, lw=1.5, label=f"mean of {window}")
+    axes[0].set(ylabel="weighted cross entropy (Eq. 1)", title=title, yscale="log")
+    axes[0].legend()
+    if validated:
+        at = [r["iteration"] for r in validated]
+        for name, shown in (("vrand", "V_rand"), ("vinfo", "V_info"), ("rand_error", "1 - Rand error"),
+                            ("pixel_error", "1 - pixel error"), ("iou", "foreground IOU")):
+            values = [r[name] if SCORES[name] == "higher" else 1 - r[name] for r in validated]
+            axes[1].plot(at, values, marker="o", ms=3, label=shown)
+        axes[1].set(ylabel="validation score (higher is better)")
+        axes[1].legend(fontsize="small")
+    axes[-1].set(xlabel="iteration")
+    io.save_figure(figure, path, dpi=120)
+
+
+@dataclass
+class _Run:
+    """A training run in progress: its network, optimizer, generator, log rows and best validation score."""
+
+    config: TrainConfig
+    device: torch.device
+    dir: Path
+    model: UNet
+    forward: object
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    augmenter: Augmenter
+    stacks: tuple
+    rows: list = field(default_factory=list)
+    iteration: int = 0
+    best: dict | None = None
+    seconds: float = 0.0
+
+    def restore(self, checkpoint: dict) -> None:
+        """Continue from ``checkpoint``: weights, momentum, both generators, the log up to it, the best score."""
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.learning_rate  # a resumed run may lower it (RESUMABLE)
+        self.generator.set_state(checkpoint["rng"]["augment"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], self.device)
+        self.iteration = checkpoint["iteration"]
+        self.rows = read_log(self.dir / LOG, self.iteration)  # rows logged after the checkpoint are dropped
+        self.best = checkpoint.get("best")
+        self.seconds = checkpoint.get("seconds", 0.0)
+
+    def gives_finite_loss(self) -> bool:
+        """Whether the weights are finite and give a finite loss (Eq. 1) on a fixed tile, in eval mode.
+
+        The tile comes from its own generator, so the check draws nothing from the run's."""
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            return False
+        fixed = torch.Generator(device=self.device).manual_seed(0)
+        x, y, w = self.augmenter(*self.stacks, batch_size=1, generator=fixed)
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return bool(torch.isfinite(weighted_cross_entropy(self.model(x), y, w)))
+        finally:
+            self.model.train()
+
+    def save(self, started: float) -> None:
+        """Log first, then the checkpoint (a kill in between leaves log rows the resume drops)."""
+        if not self.gives_finite_loss():
+            self.diverged(f"the weights after iteration {self.iteration} give a non-finite loss")
+        _write_log(self.dir / LOG, self.rows)
+        rng = {"augment": self.generator.get_state(), "torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        io.save_checkpoint(self.dir / CHECKPOINT, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "iteration": self.iteration,
+            "config": dataclasses.asdict(self.config), "rng": rng, "best": self.best,
+            "seconds": self.seconds + time.perf_counter() - started,
+        })
+
+    def diverged(self, what: str):
+        """Stop: write the log up to here (for the curve) and name the checkpoint that is kept."""
+        _write_log(self.dir / LOG, self.rows)
+        path = self.dir / CHECKPOINT
+        last = io.load_checkpoint(path)["iteration"] if path.exists() else None
+        kept = (f"the last good checkpoint ({path}, iteration {last}) is kept; continue from it with --resume and a "
+                f"lower --lr (now {self.config.learning_rate:g})") if last else "no checkpoint was written yet"
+        raise TrainingDiverged(f"{what}; {kept}. Or train with precision fp32.")
+
+    def validate(self, validation: Validation) -> None:
+        """Score the current weights on ``validation``, log the scores, keep ``best.pt`` if they are the best."""
+        try:
+            scores = validate(self.model, validation, device=self.device, precision=self.config.precision)
+        except FloatingPointError as error:
+            self.diverged(f"at iteration {self.iteration} {error}")
+        self.model.to(memory_format=LAYOUTS[self.config.engine])  # predict ran channels_last
+        self.rows[-1].update(scores)
+        name = self.config.select_by
+        if improves(scores[name], self.best and self.best["score"], name):
+            self.best = {"iteration": self.iteration, "select_by": name, "score": scores[name]}
+            io.save_checkpoint(self.dir / BEST, {"model": self.model.state_dict(), "iteration": self.iteration,
+                                                 "config": dataclasses.asdict(self.config), "scores": scores})
+
+
+def _start(run_dir: Path, config: TrainConfig, device: torch.device, stacks: tuple) -> _Run:
+    torch.manual_seed(config.seed)  # dropout draws from torch's global generator; it is checkpointed too
+    model = UNet(**{"in_channels": 1, "num_classes": 2, **config.network}).to(device)
+    forward, optimizer = engine(model, config)
+    return _Run(config, device, run_dir, model, forward, optimizer,
+                generator=torch.Generator(device=device).manual_seed(config.seed),
+                augmenter=Augmenter(config.input_tile, output_size(config.input_tile, model.depth), **config.augment),
+                stacks=stacks)
+
+
+def _write_config(run: _Run, record: dict | None, resumed: bool) -> None:
+    from . import __version__
+
+    path = run.dir / CONFIG
+    previous = io.read_json(path) if resumed and path.is_file() else {}
+    entry = {"config": dataclasses.asdict(run.config), "device": str(run.device), "version": __version__,
+             **(record or {})}
+    if resumed:
+        entry = {**previous, "resumed": [*previous.get("resumed", []), {"at_iteration": run.iteration, **entry}]}
+    io.write_json(path, entry)
+
+
+def _note_duration(run: _Run, seconds_per_step: float) -> None:
+    """On a CPU, say how long a run will take when it is more than an hour (before most of it is spent)."""
+    remaining = (run.config.iterations - run.iteration) * seconds_per_step
+    if run.device.type == "cpu" and remaining > 3600:
+        tqdm.write(f"note: at {seconds_per_step:.2f} s per iteration on the CPU this run needs about "
+                   f"{remaining / 3600:.1f} hours; --preset cpu (a narrower network) fits about an hour, "
+                   "--preset smoke a few minutes; the paper's preset wants a GPU", file=sys.stderr)
+
+
+def _summarise(run: _Run, validation: Validation | None, seconds: float) -> dict:
+    """summary.json: the final loss, wall time, best validation score and the warnings of ``diagnose``."""
+    scores = {k: v for k, v in run.rows[-1].items() if k in SCORES or k == "output_std"} if validation else None
+    if scores:
+        spread = scores["output_std"]
+    else:  # no validation data: the spread of the output on the first training image
+        probabilities = predict(run.model, run.stacks[0][:1].cpu().numpy(), device=run.device)[:, 1]
+        run.model.to(memory_format=LAYOUTS[run.config.engine])
+        spread = float(probabilities.std())
+    losses = [row["loss"] for row in run.rows]
+    summary = {"iterations": run.iteration, "final_loss": float(np.mean(losses[-100:])), "seconds": seconds,
+               "best": run.best, "final_scores": scores, "output_std": spread, "warnings": diagnose(losses, spread)}
+    io.write_json(run.dir / SUMMARY, summary)
+    for message in summary["warnings"]:
+        warnings.warn(message, TrainingWarning, stacklevel=3)
+    return summary
 
 
 def train(
@@ -240,150 +464,196 @@ def train(
     run_dir: str | Path,
     config: TrainConfig | None = None,
     *,
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
     device: str | torch.device | None = None,
     resume: bool = False,
     progress: bool = True,
+    record: dict | None = None,
 ) -> UNet:
     """Train a U-Net on ``images`` (Z, H, W) with ``labels`` (binary or instance ids) and return it.
 
-    ``run_dir`` receives ``checkpoint.pt`` (every ``checkpoint_every``
-    iterations and at the end), ``log.csv`` and ``loss.png``. A run folder that
-    already holds a checkpoint is continued only with ``resume=True``; the
-    continued run reaches the same weights as an uninterrupted one (on the
-    CPU; cuDNN's kernels may differ in the last bits).
+    ``run_dir`` receives ``config.json`` (every setting, plus ``record``),
+    ``checkpoint.pt`` (every ``checkpoint_every`` iterations and at the end),
+    ``log.csv``, ``loss.png`` and ``summary.json``. ``validation`` = (images,
+    labels) held out from training: scored every ``validate_every`` iterations
+    and at the end (logged, plotted below the loss), the best weights by
+    ``select_by`` kept as ``best.pt``. A run folder that already holds a
+    checkpoint is continued only with ``resume=True``; the continued run
+    reaches the same weights as an uninterrupted one (on the CPU; cuDNN's
+    kernels may differ in the last bits). Every input is checked before
+    anything is written. A run that did not learn ends with a
+    ``TrainingWarning`` (see ``validation.diagnose``).
     """
     config = config or TrainConfig()
     device = resolve_device(device)
     run_dir = Path(run_dir)
-    checkpoint_path = run_dir / CHECKPOINT
-    if checkpoint_path.exists() and not resume:
-        raise FileExistsError(
-            f"{checkpoint_path} exists: pass --resume to continue that run, or choose another output folder"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = _resume_point(run_dir, config, resume)
+    held_out = _validation(validation, config)
+    run = _start(run_dir, config, device, _stacks(images, labels, config, device))
+    if checkpoint is not None:
+        run.restore(checkpoint)
+    for stale in run_dir.glob(".*.part"):  # temporary files of a killed write
+        stale.unlink()
+    _write_config(run, record, resumed=checkpoint is not None)
+    started = time.perf_counter()
+    try:
+        _loop(run, held_out, started, progress)
+    finally:
+        if run.rows:
+            plot_loss(run.rows, run_dir / "loss.png")
+    _summarise(run, held_out, run.seconds + time.perf_counter() - started)
+    return run.model
 
-    torch.manual_seed(config.seed)  # dropout draws from torch's global generator; it is checkpointed too
-    model = UNet(**{"in_channels": 1, "num_classes": 2, **config.network}).to(device)
-    forward, optimizer = engine(model, config)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    augmenter = Augmenter(config.tile, output_size(config.tile, model.depth), **config.augment)
-    images_t, target_t, weight_t = _prepare(images, labels, config, device)
 
-    start, rows = 0, []
-    if resume and checkpoint_path.exists():
-        checkpoint = io.load_checkpoint(checkpoint_path)
-        saved = {k: v for k, v in checkpoint["config"].items() if k != "iterations"}
-        mine = {k: v for k, v in dataclasses.asdict(config).items() if k != "iterations"}
-        if saved != mine:
-            changed = sorted(k for k in mine if saved.get(k) != mine[k])
-            raise ValueError(f"{checkpoint_path} was written with other settings ({', '.join(changed)}); "
-                             "resume with the same settings or start a new run folder")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        _set_rng_state(checkpoint["rng"], generator, device)
-        start = checkpoint["iteration"]
-        rows = _read_log(run_dir / LOG, start)
-
-    def save(iteration: int) -> None:
-        io.save_checkpoint(checkpoint_path, {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "iteration": iteration,
-            "config": dataclasses.asdict(config),
-            "rng": _rng_state(generator, device),
-        })
-        _write_log(run_dir / LOG, rows)
-
-    losses = torch.zeros(config.log_every, device=device)
-    model.train()
-    bar = tqdm(total=config.iterations, initial=start, disable=not progress, unit="it", desc="training", dynamic_ncols=True)
-    for iteration in range(start, config.iterations):
-        losses[iteration % config.log_every] = training_step(
-            forward, optimizer, augmenter, (images_t, target_t, weight_t), generator
-        )
-        done = iteration + 1
-        if done % config.log_every and done != config.iterations:
+def _loop(run: _Run, validation: Validation | None, started: float, progress: bool) -> None:
+    """The iterations: one step each; every ``log_every`` the losses are read and checked, and where due the
+    weights validated and checkpointed."""
+    config = run.config
+    losses = torch.zeros(config.log_every, device=run.device)
+    run.model.train()
+    bar = tqdm(total=config.iterations, initial=run.iteration, disable=not progress, unit="it", desc="training",
+               dynamic_ncols=True)
+    first_step = run.iteration
+    with bar:
+        for iteration in range(run.iteration, config.iterations):
+            losses[iteration % config.log_every] = training_step(run.forward, run.optimizer, run.augmenter,
+                                                                 run.stacks, run.generator)
+            run.iteration = done = iteration + 1
+            if progress and done == first_step + 3:
+                _note_duration(run, (time.perf_counter() - started) / 3)
+            if done % config.log_every and done != config.iterations:
+                bar.update()
+                continue
+            first = max(first_step, iteration - iteration % config.log_every)  # this block's first iteration
+            recent = losses[first % config.log_every : iteration % config.log_every + 1].tolist()  # one host sync
+            bad = next((i for i, v in enumerate(recent) if not math.isfinite(v)), None)
+            run.rows += [{"iteration": first + i + 1, "loss": v, "learning_rate": config.learning_rate}
+                         for i, v in enumerate(recent[:bad])]
+            if bad is not None:
+                run.diverged(f"the loss became {recent[bad]} at iteration {first + bad + 1}")
+            bar.set_postfix(loss=f"{float(np.mean(recent)):.4f}")
             bar.update()
-            continue
-        first = max(start, iteration - iteration % config.log_every)  # this block's first iteration
-        recent = losses[first % config.log_every : iteration % config.log_every + 1].tolist()  # one host sync per block
-        bad = next((i for i, v in enumerate(recent) if not math.isfinite(v)), None)
-        if bad is not None:
-            bar.close()
-            last = io.load_checkpoint(checkpoint_path)["iteration"] if checkpoint_path.exists() else None
-            kept = f"the last good checkpoint ({checkpoint_path}, iteration {last}) is kept" if last else "no checkpoint was written yet"
-            raise TrainingDiverged(
-                f"the loss became {recent[bad]} at iteration {first + bad + 1}; {kept}. "
-                "Lower the learning rate, or train with precision fp32."
-            )
-        rows += [[first + i + 1, v, config.learning_rate] for i, v in enumerate(recent)]
-        bar.set_postfix(loss=f"{float(np.mean(recent)):.4f}")
-        bar.update()
-        if done % config.checkpoint_every == 0 or done == config.iterations:
-            save(done)
-    bar.close()
-    if rows:
-        plot_loss(rows, run_dir / "loss.png")
-    return model
+            last = done == config.iterations
+            if validation is not None and (last or (config.validate_every and done % config.validate_every == 0)):
+                run.validate(validation)
+                bar.set_postfix(loss=f"{float(np.mean(recent)):.4f}",
+                                **{config.select_by: f"{run.rows[-1][config.select_by]:.4f}"})
+            if last or done % config.checkpoint_every == 0:
+                run.save(started)
 
 
-def _read_pairs(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Images and labels as (Z, H, W) stacks: two TIFF stacks, or two folders of PNG/TIFF files paired by sorted name."""
-    def stack(path: Path) -> list[np.ndarray]:
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".tif", ".tiff"))
-            if not files:
-                raise ValueError(f"{path}: no .png, .tif or .tiff files")
-            return [io.read_image(p) for p in files]
-        array = io.read_image(path)
-        return list(array) if array.ndim == 3 else [array]
+# ---------------------------------------------------------------------------
+# Command line
 
-    images, labels = stack(images_path), stack(labels_path)
+
+def add_training_options(parser: argparse.ArgumentParser) -> None:
+    """The options that set a ``TrainConfig`` from a preset: shared by ``train`` and the replays."""
+    add = parser.add_argument
+    add("--preset", choices=sorted(PRESETS),
+        help="starting settings: paper (Fig. 1 network, 572 tiles, for a GPU), cpu (16 channels, about an hour on "
+             "two cores), smoke (8 channels, 252 tiles, minutes); docs/training.md lists each")
+    network = parser.add_argument_group("network (Sec. 2)")
+    network.add_argument("--base-channels", type=int, metavar="N", help="channels of the first level (paper: 64)")
+    network.add_argument("--depth", type=int, metavar="N", help="number of poolings (paper: 4)")
+    weights = parser.add_argument_group("weight map (Eq. 2)")
+    weights.add_argument("--w0", type=float, help="border weight w0 (paper: 10; 0 turns the border term off)")
+    weights.add_argument("--sigma", type=float, help="border width sigma in px (paper: 5)")
+    weights.add_argument("--no-class-balance", dest="class_balance", action="store_false", default=None,
+                         help="w_c = 1 instead of balancing the class frequencies")
+    schedule = parser.add_argument_group("schedule (Sec. 3)")
+    schedule.add_argument("--iterations", type=int, help="number of SGD steps")
+    schedule.add_argument("--input-tile", type=int, metavar="SIDE", help="input tile side, a valid size (paper: 572)")
+    renamed(parser, "--tile", "--input-tile", dest="input_tile", type=int)
+    schedule.add_argument("--lr", type=float, help="learning rate (constant)")
+    schedule.add_argument("--seed", type=int, help="run seed")
+    execution = parser.add_argument_group("execution")
+    execution.add_argument("--precision", choices=PRECISIONS, help="fp32 (reference) or bf16 autocast")
+    execution.add_argument("--engine", choices=ENGINES, help="fast (channels_last, fused SGD) or plain (torch's defaults)")
+    execution.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile the network in this mode")
+    execution.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    add_threads(execution)
+
+
+def config_from_args(args: argparse.Namespace, preset: str) -> TrainConfig:
+    """``PRESETS[preset]`` with the options of ``add_training_options`` that were given."""
+    base = PRESETS[preset]
+    network = {**base.network, **{k: v for k, v in (("base_channels", args.base_channels), ("depth", args.depth))
+                                  if v is not None}}
+    overrides = {"iterations": args.iterations, "input_tile": args.input_tile, "learning_rate": args.lr, "seed": args.seed,
+                 "precision": args.precision, "engine": args.engine, "compile": args.compile, "w0": args.w0,
+                 "sigma": args.sigma, "class_balance": args.class_balance, "network": network}
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _read_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels as (Z, H, W) stacks, one label image per image, of one size."""
+    (images, _), (labels, _) = io.read_images(images_path), io.read_images(labels_path)
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} label images; give one label image per image")
-    shapes = {image.shape for image in images}
-    if len(shapes) != 1 or any(i.shape != l.shape for i, l in zip(images, labels)):
-        raise ValueError(f"all images and label images must share one (H, W) size, got {sorted(shapes)}; crop or pad them first")
-    return np.stack(images), np.stack(labels)
+    if images.shape != labels.shape:
+        raise ValueError(f"images {images_path} ({images.shape[1]}x{images.shape[2]}) and labels {labels_path} "
+                         f"({labels.shape[1]}x{labels.shape[2]}) differ in size; crop or pad them to one size")
+    return images, labels
 
 
 def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
     """``python -m ronneberger2015 train IMAGES LABELS -o RUN_DIR``: the paper's recipe on your data."""
-    from .metrics import evaluate
-    from .tiling import predict
-
-    parser = argparse.ArgumentParser(prog=prog, description="Train the U-Net of the paper (Sec. 3) on your own data.")
-    parser.add_argument("images", type=Path, help="TIFF stack, or a folder of PNG/TIFF images")
-    parser.add_argument("labels", type=Path, help="TIFF stack or folder of label images (binary, or instance ids)")
-    parser.add_argument("-o", "--out", type=Path, required=True, help="run folder (checkpoint, log, loss curve)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="starting settings (default: paper)")
-    parser.add_argument("--iterations", type=int, help="number of SGD steps")
-    parser.add_argument("--tile", type=int, help="input tile side (a valid size, e.g. 572)")
-    parser.add_argument("--lr", type=float, help="learning rate")
-    parser.add_argument("--seed", type=int, help="run seed")
-    parser.add_argument("--precision", choices=PRECISIONS, help="fp32 (reference) or bf16 autocast")
-    parser.add_argument("--engine", choices=ENGINES, help="fast (channels_last, fused SGD; default) or plain (torch's defaults)")
-    parser.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile the network in this mode (default: not compiled)")
-    parser.add_argument("--instances", action="store_true", help="labels are instance ids (0 = background)")
-    parser.add_argument("--val", nargs=2, type=Path, metavar=("IMAGES", "LABELS"), help="evaluate on these after training")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser = argparse.ArgumentParser(prog=prog, description="Train the U-Net of the paper (Sec. 3) on your own "
+                                     "data; docs/training.md, 'Training on your own data', walks through it.")
+    parser.add_argument("images", type=Path, help="TIFF stack, one image, or a folder of TIFF/PNG/GIF images")
+    parser.add_argument("labels", type=Path, help="the same for the labels: 0 = background, nonzero = cell "
+                        "(a binary mask, or instance ids where cells touch)")
+    parser.add_argument("-o", "--output", type=Path, metavar="RUN_DIR",
+                        help="run folder: config, log, loss curve, checkpoint.pt, best.pt, summary")
+    renamed(parser, "--out", "--output", dest="output", type=Path)
+    reading = parser.add_mutually_exclusive_group()
+    reading.add_argument("--instances", action="store_const", const=True, dest="instances",
+                         help="read the labels as cell ids even if they hold one nonzero value")
+    reading.add_argument("--binary", action="store_const", const=False, dest="instances",
+                         help="read the labels as a mask (nonzero = cell) even if they hold several values")
+    add_training_options(parser)
+    validation = parser.add_argument_group("validation")
+    validation.add_argument("--val", nargs=2, type=Path, metavar=("IMAGES", "LABELS"),
+                            help="held-out images and labels, scored during training (log.csv, loss.png)")
+    validation.add_argument("--validate-every", type=int, metavar="N", help="iterations between validations "
+                            "(default: the preset's, 1000 for paper and cpu; 0: at the end only)")
+    validation.add_argument("--select-by", choices=sorted(SCORES), help="the validation score that chooses best.pt "
+                            "(default vrand)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint; "
+                        "--iterations and --lr may change")
     args = parser.parse_args(argv)
-
-    overrides = {"iterations": args.iterations, "tile": args.tile, "learning_rate": args.lr, "seed": args.seed,
-                 "precision": args.precision, "engine": args.engine, "compile": args.compile,
-                 "instances": True if args.instances else None}
-    config = dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in overrides.items() if v is not None})
-    images, labels = _read_pairs(args.images, args.labels)
+    require(parser, args, "output", "-o/--output")
+    set_threads(args.threads)
+    config = config_from_args(args, args.preset or "paper")
+    extra = {"instances": args.instances, "validate_every": args.validate_every, "select_by": args.select_by}
+    config = dataclasses.replace(config, **{k: v for k, v in extra.items() if v is not None})
     device = resolve_device(args.device)
-    io.write_json(args.out / "config.json", {"preset": args.preset, "device": str(device), **dataclasses.asdict(config)})
-    model = train(images, labels, args.out, config, device=device, resume=args.resume)
-    print(f"trained {config.iterations} iterations; checkpoint: {args.out / CHECKPOINT}")
-    if args.val:
-        val_images, val_labels = _read_pairs(*args.val)
-        probabilities = predict(model, val_images, device=device, tta=True)[:, 1]
-        truth = target_and_weights(val_labels, instances=config.instances)[0]  # separated, as trained on
-        scores = evaluate(probabilities, truth)
-        io.write_json(args.out / "metrics.json", scores)
-        print("\n".join(f"{name:>14}: {value:.6f}" for name, value in scores.items()))
+    images, labels = _read_pair(args.images, args.labels)
+    held_out = _read_pair(*args.val) if args.val else None
+    record = {"preset": args.preset or "paper", "command": " ".join([prog or "train", *(argv or sys.argv[1:])]),
+              "inputs": {"images": str(args.images), "labels": str(args.labels),
+                         "val": [str(p) for p in args.val] if args.val else None}}
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", TrainingWarning)
+            train(images, labels, args.output, config, validation=held_out, device=device, resume=args.resume,
+                  record=record)
+    except TrainingDiverged as error:
+        raise ValueError(f"training stopped: {error}") from None
+    except KeyboardInterrupt:
+        path = args.output / CHECKPOINT
+        kept = f"the checkpoint of iteration {io.load_checkpoint(path)['iteration']} is kept" if path.exists() \
+            else "no checkpoint was written yet"
+        print(f"\ninterrupted; {kept}. Continue with the same command and --resume.", file=sys.stderr)
+        return 130
+    summary = io.read_json(args.output / SUMMARY)
+    print(f"trained {summary['iterations']} iterations in {summary['seconds'] / 60:.1f} min; final loss "
+          f"{summary['final_loss']:.4f}; checkpoint: {args.output / CHECKPOINT}")
+    if summary["final_scores"]:
+        best = summary["best"]
+        print(f"best {best['select_by']} {best['score']:.4f} at iteration {best['iteration']}: {args.output / BEST}")
+        io.write_json(args.output / "metrics.json", summary["final_scores"])
+        print("\n".join(f"{name:>14}: {value:.6f}" for name, value in summary["final_scores"].items()))
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
     return 0

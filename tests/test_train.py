@@ -1,6 +1,7 @@
 """Training (Sec. 3): the loss goes down, resume is exact, bad checkpoints and NaN are caught,
 and the fast engine computes the plain step."""
 import copy
+import json
 import dataclasses
 
 import numpy as np
@@ -15,9 +16,11 @@ from ronneberger2015.weightmap import target_and_weights
 from ronneberger2015.loss import weighted_cross_entropy
 from ronneberger2015.train import PRESETS, TrainConfig, TrainingDiverged, engine, resolve_device, train
 
+pytestmark = pytest.mark.filterwarnings("ignore::ronneberger2015.train.TrainingWarning")  # tiny runs do not learn
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-TINY = TrainConfig(iterations=20, tile=92, learning_rate=0.01, log_every=5, checkpoint_every=10,
+TINY = TrainConfig(iterations=20, input_tile=92, learning_rate=0.01, log_every=5, checkpoint_every=10,
                    network=dict(base_channels=4, depth=3, dropout=0.5, variant="paper"))
 
 
@@ -60,7 +63,7 @@ def test_smoke_lowers_the_loss(isbi, tmp_path):
 
     With this seed both engines end near 0.53x the initial loss; other seeds
     of so narrow a network can stay at the constant prediction for longer."""
-    config = dataclasses.replace(PRESETS["smoke"], iterations=300, tile=124, log_every=10, checkpoint_every=50,
+    config = dataclasses.replace(PRESETS["smoke"], iterations=300, input_tile=124, log_every=10, checkpoint_every=50,
                                  network=dict(base_channels=8, depth=3, dropout=0.5, variant="paper"))
     images, labels = isbi.train_images[:2], isbi.train_labels[:2]
     torch.manual_seed(config.seed)
@@ -88,8 +91,11 @@ def test_existing_run_needs_resume(two_slices, tmp_path):
     train(*two_slices, tmp_path, config, device="cpu", progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
         train(*two_slices, tmp_path, config, device="cpu", progress=False)
-    with pytest.raises(ValueError, match="learning_rate"):
-        train(*two_slices, tmp_path, dataclasses.replace(config, learning_rate=0.5), device="cpu", resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"other settings \(seed, w0\)"):
+        train(*two_slices, tmp_path, dataclasses.replace(config, iterations=10, seed=3, w0=5.0), device="cpu",
+              resume=True, progress=False)
+    with pytest.raises(ValueError, match="has already trained 5 iterations"):
+        train(*two_slices, tmp_path, config, device="cpu", resume=True, progress=False)
 
 
 def test_corrupt_checkpoint_is_named(two_slices, tmp_path):
@@ -115,7 +121,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(two_slices, tmp_path, monkeypa
 
 def test_invalid_tile_names_neighbours():
     with pytest.raises(ValueError, match="nearest valid sizes are 556"):
-        TrainConfig(tile=570)
+        TrainConfig(input_tile=570)
 
 
 def test_command_line_on_png_folders(two_slices, tmp_path, capsys):
@@ -129,7 +135,7 @@ def test_command_line_on_png_folders(two_slices, tmp_path, capsys):
     write_tiff(tmp_path / "val.tif", images[:1])
     write_tiff(tmp_path / "val-labels.tif", labels[:1])
     code = main(["train", str(tmp_path / "images"), str(tmp_path / "labels"), "-o", str(tmp_path / "run"),
-                 "--preset", "smoke", "--iterations", "3", "--tile", "188", "--device", "cpu",
+                 "--preset", "smoke", "--iterations", "3", "--input-tile", "188", "--device", "cpu",
                  "--val", str(tmp_path / "val.tif"), str(tmp_path / "val-labels.tif")])
     assert code == 0
     assert {"checkpoint.pt", "config.json", "log.csv", "metrics.json"} <= {p.name for p in (tmp_path / "run").iterdir()}
@@ -144,7 +150,7 @@ def test_command_line_validates_on_instance_labels(tmp_path, capsys):
     write_tiff(tmp_path / "i.tif", images)
     write_tiff(tmp_path / "l.tif", labels)
     code = main(["train", str(tmp_path / "i.tif"), str(tmp_path / "l.tif"), "-o", str(tmp_path / "run"),
-                 "--preset", "smoke", "--iterations", "1", "--tile", "188", "--device", "cpu", "--instances",
+                 "--preset", "smoke", "--iterations", "1", "--input-tile", "188", "--device", "cpu", "--instances",
                  "--val", str(tmp_path / "i.tif"), str(tmp_path / "l.tif")])
     assert code == 0 and "vinfo" in capsys.readouterr().out
 
@@ -197,7 +203,7 @@ def test_fast_engine_computes_the_plain_step(device, monkeypatch):
     torch.manual_seed(0)
     network, tile = dict(base_channels=8, dropout=0.0), 252
     reference = UNet(**network)
-    config = TrainConfig(tile=tile, learning_rate=1e-3, network=network)
+    config = TrainConfig(input_tile=tile, learning_rate=1e-3, network=network)
     step = {(e, p): _one_step(reference, dataclasses.replace(config, engine=e, precision=p), tile, device)
             for e in ("plain", "fast") for p in ("fp32", "bf16")}
     exact = 1e-5 if device == "cpu" else 1e-4  # cuDNN picks other algorithms for the two layouts
@@ -213,7 +219,7 @@ def test_compiled_network_computes_the_plain_step():
     """``compile`` (torch.compile of the network, here on the CPU) gives the eager step's logits and gradients."""
     torch.manual_seed(0)
     network = dict(base_channels=4, depth=2, dropout=0.0)
-    reference, config = UNet(**network), TrainConfig(tile=92, network=network)
+    reference, config = UNet(**network), TrainConfig(input_tile=92, network=network)
     plain = _one_step(reference, dataclasses.replace(config, engine="plain"), 92, "cpu")
     compiled = _one_step(reference, dataclasses.replace(config, compile="default"), 92, "cpu")
     for a, b in zip(compiled, plain):
@@ -225,3 +231,165 @@ def test_engine_and_compile_are_checked():
         TrainConfig(engine="turbo")
     with pytest.raises(ValueError, match="compile must be None or one of"):
         TrainConfig(compile="fast")
+
+
+# ---------------------------------------------------------------------------
+# Validation during training, best.pt, and the end-of-run diagnosis
+
+
+def _validated(two_slices, isbi, tmp_path, config):
+    validation = (isbi.train_images[20:21, :128, :128], isbi.train_labels[20:21, :128, :128])
+    return train(*two_slices, tmp_path, config, validation=validation, device="cpu", progress=False)
+
+
+def test_validation_logs_scores_keeps_the_best_and_changes_nothing(two_slices, isbi, tmp_path):
+    config = dataclasses.replace(TINY, validate_every=5, select_by="pixel_error")
+    plain = train(*two_slices, tmp_path / "plain", config, device="cpu", progress=False)
+    validated = _validated(two_slices, isbi, tmp_path / "validated", config)
+    for name, value in _weights(plain).items():  # validation draws no random numbers and restores the layout
+        assert torch.equal(value, validated.state_dict()[name]), name
+    rows = train_module.read_log(tmp_path / "validated" / "log.csv")
+    scored = [row for row in rows if "vrand" in row]
+    assert [row["iteration"] for row in scored] == [5, 10, 15, 20]
+    assert set(scored[0]) >= {"vrand", "vinfo", "rand_error", "pixel_error", "warping_error", "iou", "dice"}
+    best = min(scored, key=lambda row: row["pixel_error"])  # the first of equals: only a strict gain replaces it
+    saved = load_checkpoint(tmp_path / "validated" / "best.pt")
+    assert saved["iteration"] == best["iteration"] and saved["scores"]["pixel_error"] == best["pixel_error"]
+    assert train_module.read_log(tmp_path / "plain" / "log.csv")[0].keys() == {"iteration", "loss", "learning_rate"}
+
+
+def test_resume_keeps_validation_and_best(two_slices, isbi, tmp_path):
+    config = dataclasses.replace(TINY, validate_every=5)
+    _validated(two_slices, isbi, tmp_path / "a", config)
+    _validated(two_slices, isbi, tmp_path / "b", dataclasses.replace(config, iterations=10))
+    train(*two_slices, tmp_path / "b", config, validation=(isbi.train_images[20:21, :128, :128],
+          isbi.train_labels[20:21, :128, :128]), device="cpu", resume=True, progress=False)
+    assert (tmp_path / "a" / "log.csv").read_text() == (tmp_path / "b" / "log.csv").read_text()
+    assert load_checkpoint(tmp_path / "a" / "best.pt")["iteration"] == load_checkpoint(tmp_path / "b" / "best.pt")["iteration"]
+
+
+def test_empty_validation_slice_is_refused_before_training(two_slices, tmp_path):
+    images = np.zeros((2, 64, 64), np.uint8)
+    with pytest.raises(ValueError, match=r"validation slice\(s\) \[1\] have no cell"):
+        train(*two_slices, tmp_path, TINY, validation=(images, np.stack([np.full((64, 64), 255), np.zeros((64, 64))])),
+              device="cpu", progress=False)
+    assert not tmp_path.joinpath("config.json").exists()
+
+
+def test_diagnose_names_a_flat_loss_and_a_constant_output():
+    from ronneberger2015.validation import diagnose
+
+    falling = list(np.linspace(1.2, 0.6, 200))
+    assert diagnose(falling, 0.4) == []
+    flat = list(1.1 + 0.01 * np.sin(np.arange(200)))
+    assert [w.split(":")[0] for w in diagnose(flat, 0.4)] == ["the loss has not fallen"]
+    assert [w.split(" (")[0] for w in diagnose(falling, 0.001)] == ["the output is near-constant"]
+    assert diagnose(flat[:50], 0.4) == []  # too short to judge
+
+
+def test_a_run_that_does_not_learn_ends_with_a_warning(two_slices, tmp_path):
+    config = dataclasses.replace(TINY, iterations=120, learning_rate=1e-12, checkpoint_every=60)
+    with pytest.warns(train_module.TrainingWarning, match="the loss has not fallen"):
+        train(*two_slices, tmp_path, config, device="cpu", progress=False)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["iterations"] == 120 and any("not fallen" in w for w in summary["warnings"])
+
+
+# ---------------------------------------------------------------------------
+# Faults: divergence, a full disk, kills, refused runs
+
+
+def test_divergence_keeps_only_a_checkpoint_that_predicts(two_slices, tmp_path):
+    from ronneberger2015.tiling import load_model, predict
+
+    """lr 1.0 makes NaN at iteration 4; with a checkpoint after every step, the one kept still predicts."""
+    config = dataclasses.replace(TINY, iterations=8, learning_rate=1.0, log_every=1, checkpoint_every=1)
+    with pytest.raises(TrainingDiverged, match="resume and a lower --lr"):
+        train(*two_slices, tmp_path, config, device="cpu", progress=False)
+    assert np.isfinite(predict(load_model(tmp_path / "checkpoint.pt"), two_slices[0][0])).all()
+    lower = dataclasses.replace(config, learning_rate=1e-3)
+    train(*two_slices, tmp_path, lower, device="cpu", resume=True, progress=False)
+    history = json.loads((tmp_path / "config.json").read_text())["resumed"]
+    assert history[-1]["config"]["learning_rate"] == 1e-3
+    rates = [row["learning_rate"] for row in train_module.read_log(tmp_path / "log.csv")]
+    assert rates[0] == 1.0 and rates[-1] == 1e-3 and len(rates) == 8
+
+
+def test_a_checkpoint_is_kept_only_if_its_weights_give_a_finite_loss(two_slices, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module._Run, "gives_finite_loss", lambda run: run.iteration < 20)
+    with pytest.raises(TrainingDiverged, match=r"weights after iteration 20 give a non-finite loss.*iteration 10\)"):
+        train(*two_slices, tmp_path, TINY, device="cpu", progress=False)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["iteration"] == 10
+
+
+def test_full_disk_keeps_the_previous_checkpoint(two_slices, tmp_path, monkeypatch):
+    import errno
+
+    real_save, saves = torch.save, []
+
+    def save(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:
+            with open(path, "wb") as out:
+                out.write(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(OSError, match="no space left on device while writing .*checkpoint.pt"):
+        train(*two_slices, tmp_path, TINY, device="cpu", progress=False)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["iteration"] == 10
+    assert not list(tmp_path.glob(".*.part"))
+
+
+def test_resume_clears_temporary_files_and_log_rows_after_the_checkpoint(two_slices, tmp_path):
+    train(*two_slices, tmp_path, dataclasses.replace(TINY, iterations=10), device="cpu", progress=False)
+    (tmp_path / ".checkpoint.pt.123.abcd.part").write_bytes(b"x" * 100)  # a kill during a checkpoint write
+    rows = (tmp_path / "log.csv").read_text()
+    (tmp_path / "log.csv").write_text(rows + "11,0.9,0.01\n12,0.9,0.01\n")  # a kill after the log, before the checkpoint
+    train(*two_slices, tmp_path, TINY, device="cpu", resume=True, progress=False)
+    train(*two_slices, tmp_path / "straight", TINY, device="cpu", progress=False)
+    assert not list(tmp_path.glob(".*.part"))
+    assert (tmp_path / "log.csv").read_text() == (tmp_path / "straight" / "log.csv").read_text()
+
+
+def test_refused_runs_leave_the_run_folder_as_it_was(two_slices, tmp_path, capsys):
+    write_tiff(tmp_path / "i.tif", two_slices[0])
+    write_tiff(tmp_path / "l.tif", two_slices[1])
+    run = ["train", str(tmp_path / "i.tif"), str(tmp_path / "l.tif"), "-o", str(tmp_path / "run"), "--preset", "smoke",
+           "--base-channels", "4", "--depth", "3", "--input-tile", "92", "--iterations", "5", "--device", "cpu"]
+    assert main(run) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    assert main(run + ["--lr", "0.01"]) == 2  # exists, no --resume
+    assert main(run + ["--seed", "1", "--resume"]) == 2  # other settings
+    assert main(run + ["--resume"]) == 2  # already trained 5
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    err = capsys.readouterr().err
+    assert "pass --resume" in err and "other settings (seed)" in err and "already trained 5 iterations" in err
+
+
+def test_resume_without_a_run_says_so(two_slices, tmp_path):
+    with pytest.warns(train_module.TrainingWarning, match="does not exist, so a new run starts"):
+        train(*two_slices, tmp_path, dataclasses.replace(TINY, iterations=5), device="cpu", resume=True, progress=False)
+
+
+def test_ctrl_c_names_the_resume_command(two_slices, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    write_tiff(tmp_path / "i.tif", two_slices[0])
+    write_tiff(tmp_path / "l.tif", two_slices[1])
+    command = [sys.executable, "-m", "ronneberger2015", "train", str(tmp_path / "i.tif"), str(tmp_path / "l.tif"),
+               "-o", str(tmp_path / "run"), "--preset", "smoke", "--base-channels", "4", "--depth", "3",
+               "--input-tile", "92", "--iterations", "100000", "--device", "cpu", "--threads", "1"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "interrupted; the checkpoint of iteration" in err and "--resume" in err and "Traceback" not in err
