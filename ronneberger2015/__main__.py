@@ -23,6 +23,9 @@ def _run(command: str, argv: list[str]) -> int:
     except (ValueError, OSError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; every file already written is complete", file=sys.stderr)
+        return 130
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,13 +12,14 @@ labels 255 marks cell interior and 0 membrane. Where the files are:
 Each file is checked against the sha256 of its pixel content (the C-ordered
 uint8 array bytes, which do not depend on how the TIFF is encoded).
 
-Command line: ``python -m ronneberger2015.data fetch [--dir DIR]`` downloads
+Command line: ``python -m ronneberger2015.data fetch [--data-dir DIR]`` downloads
 and verifies the public archive; ``python -m ronneberger2015.data verify``
 checks a copy.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import shutil
@@ -32,6 +33,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
+from .commandline import renamed
 from .io import read_image
 
 __all__ = [
@@ -72,7 +74,7 @@ class IsbiData(NamedTuple):
 def _how_to_get(directory: Path) -> str:
     return (
         "get the ISBI 2012 data in one of two ways:\n"
-        f"  python -m ronneberger2015.data fetch --dir {directory}   (downloads {URL})\n"
+        f"  python -m ronneberger2015.data fetch --data-dir {directory}   (downloads {URL})\n"
         "  export ISBI2012_DIR=/path/to/a/copy   (a folder holding " + ", ".join(FILES) + ")"
     )
 
@@ -137,23 +139,37 @@ def _download(url: str, target: Path) -> None:
                 bar.update(len(chunk))
 
 
+@contextlib.contextmanager
+def _new_folders(folder: Path):
+    """Create ``folder`` (and missing parents) for the duration; on failure remove those it created, if empty."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for path in created:  # deepest first
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+
+
 def fetch(directory: str | os.PathLike | None = None, *, url: str = URL, force: bool = False) -> Path:
     """Download the public ISBI 2012 archive and install the three stacks, verified.
 
-    Files are unpacked and checked in a temporary folder beside ``directory``
-    and only then renamed into place, so a failed or interrupted fetch leaves
-    ``directory`` as it was. Files already present and valid are kept unless
-    ``force``. Returns the folder.
+    ``directory`` defaults to ``data_dir()``: ``$ISBI2012_DIR``, then
+    data/isbi2012. Files are unpacked and checked in a temporary folder beside
+    it and only then renamed into place, so a failed or interrupted fetch
+    leaves the disk as it was (no folder is left behind). Files already
+    present and valid are kept unless ``force``. Returns the folder.
     """
-    folder = Path(directory) if directory is not None else DEFAULT_DIR
+    folder = data_dir(directory)
     if not force:
         try:
             load_isbi(folder)
             return folder
         except DataError:
             pass
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".isbi2012-", dir=folder.parent) as tmp:
+    with _new_folders(folder.parent), tempfile.TemporaryDirectory(prefix=".isbi2012-", dir=folder.parent) as tmp:
         archive = Path(tmp) / "archive.zip"
         try:
             _download(url, archive)
@@ -181,18 +197,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ronneberger2015.data", description="ISBI 2012 data")
     sub = parser.add_subparsers(dest="command", required=True)
     get = sub.add_parser("fetch", help=f"download and verify the archive ({URL})")
-    get.add_argument("--dir", default=None, help=f"target folder (default: {DEFAULT_DIR})")
+    get.add_argument("--data-dir", default=None, help=f"target folder (default: $ISBI2012_DIR, then {DEFAULT_DIR})")
+    renamed(get, "--dir", "--data-dir", dest="data_dir")
     get.add_argument("--url", default=URL, help="archive address (default: the public mirror)")
     get.add_argument("--force", action="store_true", help="download even if a valid copy is there")
     check = sub.add_parser("verify", help="check a copy against the published pixel checksums")
-    check.add_argument("--dir", default=None, help="folder (default: $ISBI2012_DIR, then data/isbi2012)")
+    check.add_argument("--data-dir", default=None, help="folder (default: $ISBI2012_DIR, then data/isbi2012)")
+    renamed(check, "--dir", "--data-dir", dest="data_dir")
     args = parser.parse_args(argv)
     try:
         if args.command == "fetch":
-            print(f"ISBI 2012 data verified in {fetch(args.dir, url=args.url, force=args.force)}")
+            print(f"ISBI 2012 data verified in {fetch(args.data_dir, url=args.url, force=args.force)}")
         else:
-            load_isbi(args.dir)
-            print(f"ISBI 2012 data verified in {data_dir(args.dir)}")
+            load_isbi(args.data_dir)
+            print(f"ISBI 2012 data verified in {data_dir(args.data_dir)}")
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

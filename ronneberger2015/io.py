@@ -27,7 +27,9 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "read_image",
     "read_images",
+    "output_files",
     "write_tiff",
+    "write_image",
     "write_json",
     "read_json",
     "save_figure",
@@ -131,10 +133,51 @@ def read_images(path: str | os.PathLike) -> tuple[np.ndarray, list[Path]]:
     return np.stack(slices), files
 
 
+def output_files(source: Path, files: list[Path], output: Path, *, floats: bool) -> list[Path]:
+    """Where to write the result for each of ``files`` (as ``read_images(source)`` gave them).
+
+    For a file, ``output`` itself (.tif/.tiff; also .png unless ``floats``);
+    for a folder, the same names in the folder ``output``: float results as
+    NAME.tif, integer ones (masks, labels) in the input's format, GIF as PNG.
+    Refuses any output that is one of the inputs (also through another path
+    or a link), before anything is computed.
+    """
+    if source.is_dir():
+        if output.exists() and not output.is_dir():
+            raise ValueError(f"{source} is a folder: -o/--output must be a folder too, but {output} is a file")
+        targets = [output / (f.stem + ".tif" if floats else
+                             f.name if f.suffix.lower() in (".tif", ".tiff", ".png") else f.stem + ".png")
+                   for f in files]
+    else:
+        suffixes = (".tif", ".tiff") if floats else (".tif", ".tiff", ".png")
+        if output.suffix.lower() not in suffixes:
+            what = "float results are" if floats else "masks and labels are"
+            raise ValueError(f"{output}: {what} written as {' or '.join(suffixes)}; name the output so")
+        targets = [output]
+    for target in targets:
+        for file in files:
+            if target.resolve() == file.resolve() or (target.exists() and target.samefile(file)):
+                raise ValueError(f"{target} is an input: writing it would destroy {file}; choose another output")
+    return targets
+
+
 def write_tiff(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write ``array`` ((H, W) or (Z, H, W)) atomically as a TIFF, one page per slice."""
     with atomic_path(path) as tmp:
         tifffile.imwrite(tmp, np.asarray(array), photometric="minisblack")
+
+
+def write_image(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write ``array`` atomically: TIFF (any dtype; a stack one page per slice) or PNG (one 2D uint8 or
+    uint16 image), by the suffix of ``path``."""
+    path, array = Path(path), np.asarray(array)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        return write_tiff(path, array)
+    if path.suffix.lower() != ".png" or array.ndim != 2 or array.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"{path}: PNG holds one 2D uint8 or uint16 image, not {array.dtype} {array.shape}; "
+                         "write a .tif")
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
@@ -174,12 +217,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
+    with open(path, "rb") as source:
+        head = source.read(8)
+    if head[:4] in (b"II*\x00", b"MM\x00*") or head.startswith(b"\x89PNG") or head[:3] == b"GIF":
+        raise ValueError(f"{path} is an image, not a checkpoint: give the checkpoint.pt or best.pt of a training run")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a damaged file
         raise ValueError(
-            f"checkpoint {path} cannot be read ({type(error).__name__}): it is corrupt or incomplete; "
-            "delete it to start afresh, or point at an earlier checkpoint"
+            f"checkpoint {path} cannot be read ({type(error).__name__}): it is corrupt or incomplete"
         ) from error
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         raise ValueError(f"{path} is not a ronneberger2015 checkpoint (no 'model' and 'config' entries)")

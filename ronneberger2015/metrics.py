@@ -28,13 +28,14 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
-from .io import read_image
+from .io import read_images
 
 __all__ = [
     "Details",
@@ -567,32 +568,62 @@ def _slice_range(text: str, count: int) -> slice:
 
 
 def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """``evaluate PROPOSAL TRUTH``: print the five ISBI 2012 metrics as a table or JSON."""
-    parser = argparse.ArgumentParser(prog=prog, description="ISBI 2012 metrics of a probability map against binary labels (paper Sec. 4).")
-    parser.add_argument("proposal", help="TIFF of probabilities in [0, 1], 1 = cell interior (an image or a stack)")
-    parser.add_argument("truth", help="TIFF or PNG labels, nonzero = cell interior")
+    """``evaluate PROPOSAL TRUTH``: the five ISBI 2012 metrics, foreground IOU and Dice, as a table or JSON."""
+    from .weightmap import label_reading, target_and_weights
+
+    parser = argparse.ArgumentParser(prog=prog, description="ISBI 2012 metrics (paper Sec. 4) of a probability "
+                                     "map against labels, and the foreground IOU and Dice at a threshold.")
+    parser.add_argument("proposal", type=Path, help="probabilities in [0, 1], 1 = cell interior: a TIFF (an image "
+                        "or a stack) or a folder of them")
+    parser.add_argument("truth", type=Path, help="labels, 0 = membrane/background, nonzero = cell: a binary mask or "
+                        "instance ids (scored against their separated mask), as a file or folder")
     parser.add_argument("--membrane", action="store_true", help="the proposal is a membrane probability; score 1 - proposal")
     parser.add_argument("--slices", metavar="A-B", help="score only slices A to B of a stack (0-based, inclusive), e.g. 20-29")
+    reading = parser.add_mutually_exclusive_group()
+    reading.add_argument("--instances", action="store_const", const=True, dest="instances",
+                         help="read the truth as cell ids even if it holds one nonzero value")
+    reading.add_argument("--binary", action="store_const", const=False, dest="instances",
+                         help="read the truth as a mask (nonzero = cell) even if it holds several values")
+    parser.add_argument("--threshold", type=float, default=0.5, metavar="T",
+                        help="P(cell) > T is cell for the IOU and Dice (default 0.5)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    proposal, truth = _probabilities(read_image(args.proposal)), read_image(args.truth)
+    proposal, truth = (read_images(path)[0] for path in (args.proposal, args.truth))
+    if proposal.shape != truth.shape:
+        raise ValueError(f"the proposal ({len(proposal)} slice(s) of {proposal.shape[1]}x{proposal.shape[2]}) and "
+                         f"the truth ({len(truth)} of {truth.shape[1]}x{truth.shape[2]}) differ; give one "
+                         "probability map per label image")
+    proposal = _probabilities(proposal)
     if args.membrane:
         proposal = 1.0 - proposal
     if args.slices:
-        if proposal.ndim != 3 or truth.ndim != 3:
-            raise ValueError("--slices needs stacks, but a 2D image was given")
         chosen = _slice_range(args.slices, len(proposal))
         proposal, truth = proposal[chosen], truth[chosen]
-    results = evaluate(proposal, truth, details=True)  # validates shapes and values first
+    labels = label_reading(truth, args.instances)
+    if labels.instances:
+        print(f"{labels}; scored against their separated mask", file=sys.stderr)
+    truth = target_and_weights(truth, w0=0.0, instances=args.instances, class_balance=False)[0]
+    results = evaluate(proposal, truth, details=True)  # validates values first
     interior = truth > 0
     if interior.any() and not interior.all() and proposal[interior].mean() < proposal[~interior].mean():
-        print("warning: the proposal is higher on membrane than on cell interior; for a membrane "
-              "probability pass --membrane", file=sys.stderr)
+        print("warning: the proposal is higher where the truth is 0 than where it is nonzero: either the proposal "
+              "is a membrane probability (pass --membrane), or the truth marks membrane as nonzero (the convention "
+              "is nonzero = cell interior: invert the labels)", file=sys.stderr)
+    overlap = {name: function(proposal, truth, threshold=args.threshold) for name, function in (("iou", iou), ("dice", dice))}
+    by_threshold = {float(th): iou(proposal, truth, threshold=th) for th in WARPING_SWEEP}
+    best = max(by_threshold, key=by_threshold.get)
     if args.json:
-        print(json.dumps({name: {"value": value, "threshold": table.threshold} for name, (value, table) in results.items()}, indent=2))
+        table = {name: {"value": value, "threshold": details.threshold} for name, (value, details) in results.items()}
+        table.update({name: {"value": value, "threshold": args.threshold} for name, value in overlap.items()})
+        print(json.dumps({**table, "iou_by_threshold": by_threshold}, indent=2))
         return 0
     print(f"{'metric':<18} {'value':>10} {'threshold':>10}  better")
-    for name, (value, table) in results.items():
+    for name, (value, details) in results.items():
         label, better = METRICS[name]
-        print(f"{label:<18} {value:>10.7f} {table.threshold:>10.1f}  {better}")
+        print(f"{label:<18} {value:>10.7f} {details.threshold:>10.1f}  {better}")
+    for name, value in overlap.items():
+        print(f"{'foreground ' + name.upper() if name == 'iou' else 'foreground Dice':<18} {value:>10.7f} "
+              f"{args.threshold:>10.2f}  higher")
+    print(f"foreground IOU is highest at threshold {best:.1f} ({by_threshold[best]:.4f}); P > T, T = "
+          + ", ".join(f"{th:.1f}: {value:.3f}" for th, value in by_threshold.items()))
     return 0

@@ -20,6 +20,9 @@ import functools
 import itertools
 import math
 import numbers
+import sys
+import warnings
+from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -27,7 +30,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .io import image_to_float, load_checkpoint, read_image, write_tiff
+from .io import image_to_float, load_checkpoint, output_files, read_images, write_image
+from .segmentation import label_cells, mask
 from .network import UNet, input_size, output_size
 
 __all__ = ["predict", "load_model", "cli", "DEFAULT_MEMORY_BUDGET", "DIHEDRAL"]
@@ -74,7 +78,7 @@ def _largest_tile(depth: int, border: int, pixel_bytes: int, budget: int) -> int
     while tile >= 2**depth and _cover(tile, depth) != tile:
         tile -= 1
     if tile < 2**depth:
-        raise ValueError(f"memory_budget {budget} bytes does not hold one tile's forward pass; raise it or give tile=")
+        raise ValueError(f"memory_budget {budget} bytes does not hold one tile's forward pass; raise it or give output_tile=")
     return tile
 
 
@@ -209,13 +213,14 @@ def predict(
     model: UNet,
     image: np.ndarray,
     *,
-    tile: int | tuple[int, int] | None = None,
+    output_tile: int | tuple[int, int] | None = None,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     tta: bool = False,
     precision: str = "fp32",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: bool = False,
+    tile: int | tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Soft-max probabilities of ``model`` for an image or a stack, by overlap-tile (Fig. 2).
 
@@ -227,8 +232,8 @@ def predict(
         image: (H, W) or a stack (Z, H, W) for a single-channel model; for
             ``in_channels`` C > 1, (C, H, W) or (Z, C, H, W) (a 4-D array is
             always a stack). uint8, uint16, or float in [0, 1] (no NaN).
-        tile: output tile side, or (height, width): a valid output side of the
-            network (388 and 516 at depth 4), at least 2**depth. Default: the
+        output_tile: output tile side, or (height, width): a valid output side
+            of the network (388 and 516 at depth 4), at least 2**depth. Default: the
             largest square tile whose forward pass fits ``memory_budget``. A
             side larger than the image shrinks to the smallest valid side that
             covers it (same result, less work).
@@ -245,6 +250,7 @@ def predict(
             estimated with ``ACTIVATION_MAPS``; it bounds the device memory
             whatever the image size (the result itself lives in host memory).
         progress: show a progress bar over tiles.
+        tile: the earlier name of ``output_tile`` (a DeprecationWarning says so).
 
     Returns:
         float32 (K, H, W) for one image, (Z, K, H, W) for a stack; K =
@@ -260,6 +266,11 @@ def predict(
     start on the pooling grid (multiples of 2**depth), so the result equals
     one forward pass over the whole mirrored image.
     """
+    if tile is not None:
+        warnings.warn("predict(tile=) is now predict(output_tile=): the side of the output tile", DeprecationWarning,
+                      stacklevel=2)
+        output_tile = tile if output_tile is None else output_tile
+    tile = output_tile
     if precision not in BYTES:
         raise ValueError(f"precision must be one of {sorted(BYTES)}, got {precision!r}")
     stack, single = _as_stack(image, model.in_channels)
@@ -324,29 +335,70 @@ def load_model(checkpoint, device: str | torch.device | None = None) -> UNet:
 
 
 def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """``python -m ronneberger2015 predict IMAGE -o OUT --checkpoint CKPT``."""
-    parser = argparse.ArgumentParser(prog=prog, description="Overlap-tile prediction (Fig. 2): a float32 TIFF "
-                                     "of cell-interior probabilities, one page per slice (the ISBI 2012 format).")
-    parser.add_argument("image", help="TIFF (page or stack) or PNG")
-    parser.add_argument("-o", "--output", required=True, help="output TIFF")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint written by training")
+    """``python -m ronneberger2015 predict INPUT -o OUTPUT --checkpoint CKPT``."""
+    from .commandline import add_threads, renamed, require, set_threads
+    from .train import resolve_device
+
+    parser = argparse.ArgumentParser(prog=prog, description="Overlap-tile prediction (Fig. 2): cell-interior "
+                                     "probabilities as float32 TIFF (the ISBI 2012 format), or with --threshold a "
+                                     "mask, or with --instances one id per cell.")
+    parser.add_argument("input", type=Path, help="an image or TIFF stack (TIFF, PNG, GIF), or a folder of images")
+    parser.add_argument("-o", "--output", type=Path, help="output file for a file, output folder for a folder "
+                        "(one file per image, the same names; probabilities as NAME.tif)")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pt or best.pt of a training run")
     parser.add_argument("--tta", action="store_true", help="average over the 8 rotations and flips (Sec. 4)")
-    parser.add_argument("--tile", type=int, help="output tile side, e.g. 388 (default: the largest that fits memory)")
+    parser.add_argument("--output-tile", type=int, metavar="SIDE",
+                        help="output tile side, e.g. 388 (default: the largest that fits memory)")
+    renamed(parser, "--tile", "--output-tile", dest="output_tile", type=int)
     parser.add_argument("--batch-size", type=int,
                         help="network inputs per forward pass (default: 1 on CPU, else what fits memory)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--precision", choices=sorted(BYTES), default="fp32", help="bf16: autocast (default: fp32)")
-    parser.add_argument("--membrane", action="store_true",
-                        help="write the membrane probability (class 0) instead of the cell interior (class 1)")
+    add_threads(parser)
+    written = parser.add_mutually_exclusive_group()
+    written.add_argument("--membrane", action="store_true",
+                         help="write the membrane probability (class 0) instead of the cell interior (class 1)")
+    written.add_argument("--threshold", type=float, metavar="T",
+                         help="write a mask, 255 where P(cell) > T (choose T on validation data: docs/prediction.md)")
+    parser.add_argument("--instances", action="store_true", help="write one id per cell (uint16): the 4-connected "
+                        "components of P(cell) > T (T = --threshold, default 0.5)")
+    parser.add_argument("--min-size", type=int, default=0, metavar="PIXELS",
+                        help="with --instances: drop cells smaller than this (default 0)")
     args = parser.parse_args(argv)
-
-    from .train import resolve_device
-
+    require(parser, args, "output", "-o/--output")
+    if args.instances and args.membrane:
+        parser.error("--instances labels cells; it cannot go with --membrane")
+    set_threads(args.threads)
+    images, sources = read_images(args.input)  # every input and output is checked before the network runs
+    targets = output_files(args.input, sources, args.output, floats=args.threshold is None and not args.instances)
     device = resolve_device(args.device)
     model = load_model(args.checkpoint, device)
     if model.num_classes < 2:
         raise ValueError(f"the model has {model.num_classes} class(es); cell and membrane need 2")
-    probabilities = predict(model, read_image(args.image), tile=args.tile, batch_size=args.batch_size,
-                            device=device, tta=args.tta, precision=args.precision, progress=True)
-    write_tiff(args.output, probabilities[..., 0 if args.membrane else 1, :, :])
+    tile = args.output_tile
+    if tile is not None and _is_input_side(tile, model.depth) and _cover(tile, model.depth) != tile:
+        print(f"note: {tile} is an input tile side; taking --output-tile {tile - 2 * model.border}", file=sys.stderr)
+        tile -= 2 * model.border
+    probabilities = predict(model, images, output_tile=tile, batch_size=args.batch_size, device=device,
+                            tta=args.tta, precision=args.precision, progress=True)[:, 0 if args.membrane else 1]
+    threshold = 0.5 if args.threshold is None else args.threshold
+    if args.instances:
+        result, what = label_cells(probabilities, threshold, min_size=args.min_size), f"cells (P > {threshold:g})"
+    elif args.threshold is not None:
+        result, what = mask(probabilities, threshold), f"masks (255: P > {threshold:g})"
+    else:
+        result, what = probabilities, ("membrane" if args.membrane else "cell-interior") + " probabilities"
+    pages = list(result) if args.input.is_dir() else [result if len(result) > 1 else result[0]]
+    for target, page in zip(targets, pages):
+        write_image(target, page)
+    where = targets[0] if len(targets) == 1 else f"{len(targets)} files in {args.output}"
+    print(f"wrote {what} of {len(images)} image(s) of {images.shape[1]}x{images.shape[2]}: {where}")
     return 0
+
+
+def _is_input_side(side: int, depth: int) -> bool:
+    try:
+        output_size(side, depth)
+    except ValueError:
+        return False
+    return True

@@ -43,7 +43,7 @@ from .loss import weighted_cross_entropy
 from .network import UNet, output_size
 from .tiling import predict
 from .validation import SCORES, Validation, diagnose, improves, validate, validation_set
-from .weightmap import target_and_weights
+from .weightmap import label_reading, target_and_weights
 
 __all__ = ["TrainConfig", "PRESETS", "PRECISIONS", "ENGINES", "COMPILE_MODES", "RESUMABLE", "engine", "train",
            "training_step", "TrainingDiverged", "TrainingWarning", "resolve_device"]
@@ -258,7 +258,10 @@ def _resume_point(run_dir: Path, config: TrainConfig, resume: bool) -> dict | No
         return None
     if not resume:
         raise FileExistsError(f"{path} exists: pass --resume to continue that run, or choose another output folder")
-    checkpoint = io.load_checkpoint(path)
+    try:
+        checkpoint = io.load_checkpoint(path)
+    except ValueError as error:
+        raise ValueError(f"{error}; delete it to start afresh, or put an earlier checkpoint in its place") from error
     saved = {**dataclasses.asdict(TrainConfig()), **checkpoint["config"]}  # settings added later: defaults
     if "tile" in saved:  # the input tile's earlier name
         saved["input_tile"] = saved.pop("tile")
@@ -489,12 +492,16 @@ def train(
     run_dir = Path(run_dir)
     checkpoint = _resume_point(run_dir, config, resume)
     held_out = _validation(validation, config)
+    reading = label_reading(labels, config.instances)
+    if reading.empty:
+        warnings.warn(f"training slice(s) {reading.empty} have no cell", TrainingWarning, stacklevel=2)
     run = _start(run_dir, config, device, _stacks(images, labels, config, device))
     if checkpoint is not None:
         run.restore(checkpoint)
     for stale in run_dir.glob(".*.part"):  # temporary files of a killed write
         stale.unlink()
-    _write_config(run, record, resumed=checkpoint is not None)
+    _write_config(run, {"labels": str(reading), "cells": reading.cells, **(record or {})},
+                  resumed=checkpoint is not None)
     started = time.perf_counter()
     try:
         _loop(run, held_out, started, progress)
@@ -630,6 +637,7 @@ def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
     device = resolve_device(args.device)
     images, labels = _read_pair(args.images, args.labels)
     held_out = _read_pair(*args.val) if args.val else None
+    print(label_reading(labels, config.instances))
     record = {"preset": args.preset or "paper", "command": " ".join([prog or "train", *(argv or sys.argv[1:])]),
               "inputs": {"images": str(args.images), "labels": str(args.labels),
                          "val": [str(p) for p in args.val] if args.val else None}}

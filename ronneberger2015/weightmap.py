@@ -32,15 +32,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from .io import read_image, save_figure, write_tiff
+from .io import output_files, read_images, save_figure, write_tiff
 
-__all__ = ["weight_map", "target_and_weights", "separate_instances", "cli"]
+__all__ = ["weight_map", "target_and_weights", "separate_instances", "label_reading", "LabelReading", "cli"]
 
 W0 = 10.0
 SIGMA = 5.0
@@ -122,10 +124,7 @@ def _maps(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Background mask (bool) and weights (float32) of every slice."""
     labels, binary = _as_labels(labels, instances)
-    if not (math.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"sigma must be a positive number of pixels, got {sigma}")
-    if not (math.isfinite(w0) and w0 >= 0):
-        raise ValueError(f"w0 must be a number >= 0, got {w0}")
+    _check_parameters(w0, sigma)
     background = np.empty(labels.shape, dtype=bool)
     weights = np.empty(labels.shape, dtype=np.float32)
     slices = list(np.ndindex(labels.shape[:-2]))  # [()] for one image
@@ -136,7 +135,45 @@ def _maps(
         if n >= 2 and w0 > RESOLUTION:
             within, term = _border_term(cells, w0, sigma)
             weights[z][within] += term
+    if not np.isfinite(weights).all():
+        raise ValueError(f"the weight map overflows float32 with w0 = {w0:g}; use a w0 below 1e37")
     return background, weights
+
+
+class LabelReading(NamedTuple):
+    """How label images are read: as a binary mask or as cell ids, and the cells in each slice."""
+
+    instances: bool
+    cells: tuple[int, ...]
+
+    @property
+    def empty(self) -> list[int]:
+        """The slices without any cell."""
+        return [z for z, n in enumerate(self.cells) if n == 0]
+
+    def __str__(self) -> str:
+        kind = ("instance ids (touching cells get a 1-px border; --binary reads them as a mask)" if self.instances
+                else "a binary mask (nonzero = cell; cells are its 4-connected components)")
+        slices = f" in {len(self.cells)} slices" if len(self.cells) > 1 else ""
+        return f"labels read as {kind}: {sum(self.cells)} cells{slices}"
+
+
+def label_reading(labels: np.ndarray, instances: bool | None = None) -> LabelReading:
+    """How ``labels`` are read (see the module docstring) and how many cells each slice holds."""
+    labels, binary = _as_labels(labels, instances)
+    slices = labels[None] if labels.ndim == 2 else labels
+    if binary:
+        cells = tuple(ndimage.label(s != 0)[1] for s in slices)
+    else:
+        cells = tuple(int(np.count_nonzero(np.unique(s))) for s in slices)
+    return LabelReading(not binary, cells)
+
+
+def _check_parameters(w0: float, sigma: float) -> None:
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a positive number of pixels, got {sigma}")
+    if not (math.isfinite(w0) and w0 >= 0):
+        raise ValueError(f"w0 must be a number >= 0, got {w0}")
 
 
 def _check_shape(array: np.ndarray) -> None:
@@ -237,13 +274,16 @@ def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
     """``python -m ronneberger2015 weightmap LABELS -o OUT``: weight maps of new labels as float32 TIFF."""
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Boundary weight map w(x) = w_c(x) + w0 exp(-(d1 + d2)^2 / 2 sigma^2) of a label image "
-        "or stack (paper Sec. 3, Eq. 2), written as a float32 TIFF, one page per slice.",
+        description="Boundary weight map w(x) = w_c(x) + w0 exp(-(d1 + d2)^2 / 2 sigma^2) of a label image, stack "
+        "or folder (paper Sec. 3, Eq. 2), written as a float32 TIFF, one page per slice (one file per image for a "
+        "folder).",
     )
     add = parser.add_argument
-    add("labels", type=Path, metavar="LABELS", help="label image: TIFF (2D or a stack) or PNG; 0 = background")
-    add("-o", "--output", type=Path, required=True, metavar="OUT", help="weight map, float32 TIFF (.tif/.tiff)")
-    add("--w0", type=float, default=W0, help=f"border weight w0 (default {W0:g}, the paper's)")
+    add("labels", type=Path, metavar="LABELS", help="label image: TIFF (2D or a stack), PNG or GIF, or a folder of "
+        "them; 0 = background")
+    add("-o", "--output", type=Path, required=True, metavar="OUT", help="weight map, float32 TIFF (.tif/.tiff); a "
+        "folder for a folder of labels")
+    add("--w0", type=float, default=W0, help=f"border weight w0 (default {W0:g}, the paper's; 0: no border term)")
     add("--sigma", type=float, default=SIGMA, help=f"border width sigma in px (default {SIGMA:g})")
     reading = parser.add_mutually_exclusive_group()
     reading.add_argument("--instances", action="store_const", const=True, dest="instances",
@@ -257,24 +297,34 @@ def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     if args.image and not args.preview:
         parser.error("--image is shown in the preview: give --preview PNG too")
-    if args.output.suffix.lower() not in (".tif", ".tiff"):
-        raise ValueError(f"{args.output}: the weight map is written as TIFF; name it .tif or .tiff")
-    labels = read_image(args.labels)
-    image = read_image(args.image) if args.image else None
+    _check_parameters(args.w0, args.sigma)
+    if args.preview and args.preview.suffix.lower() != ".png":
+        raise ValueError(f"{args.preview}: the preview is a PNG; name it .png")
+    labels, files = read_images(args.labels)
+    targets = output_files(args.labels, files, args.output, floats=True)
+    if args.preview:
+        output_files(args.labels, files, args.preview.with_suffix(".tif"), floats=True)  # not over an input either
+    image = read_images(args.image)[0] if args.image else None
     if image is not None and image.shape != labels.shape:
         raise ValueError(f"{args.image}: shape {image.shape} differs from the labels' {labels.shape}")
-    slices = len(labels) if labels.ndim == 3 else 1
-    if not 0 <= args.preview_slice < slices:
-        raise ValueError(f"--preview-slice {args.preview_slice} is outside the {slices} slice(s)")
+    if not 0 <= args.preview_slice < len(labels):
+        raise ValueError(f"--preview-slice {args.preview_slice} is outside the {len(labels)} slice(s)")
+    reading = label_reading(labels, args.instances)
+    print(reading)
+    if reading.empty:
+        print(f"warning: slice(s) {reading.empty} have no cell: their weight map is w_c alone", file=sys.stderr)
     target, weights = target_and_weights(
         labels, w0=args.w0, sigma=args.sigma, instances=args.instances, class_balance=args.class_balance, progress=True
     )
-    write_tiff(args.output, weights)
-    print(f"wrote {args.output}: {slices} slice(s), weights {weights.min():.4g} to {weights.max():.4g}")
+    pages = list(weights) if args.labels.is_dir() else [weights if len(weights) > 1 else weights[0]]
+    for path, page in zip(targets, pages):
+        write_tiff(path, page)
+    where = targets[0] if len(targets) == 1 else f"{len(targets)} files in {args.output}"
+    print(f"wrote {where}: {len(labels)} slice(s), weights {weights.min():.4g} to {weights.max():.4g}")
     if args.preview:
-        z = np.s_[args.preview_slice] if labels.ndim == 3 else np.s_[:]
+        z = args.preview_slice
         shown = None if image is None else image[z]
-        title = args.labels.name + (f", slice {args.preview_slice}" if labels.ndim == 3 else "")
+        title = args.labels.name + (f", slice {z}" if len(labels) > 1 else "")
         title += f": w0 = {args.w0:g}, sigma = {args.sigma:g} px"
         save_figure(_preview(shown, target[z], weights[z], title), args.preview, dpi=100)
         print(f"wrote {args.preview}")

@@ -107,13 +107,26 @@ def test_fetch_keeps_old_copy_when_archive_is_corrupt(isbi_dir, http_root, tmp_p
     assert (target / "train-volume.tif").read_bytes() == b"old"
 
 
-def test_fetch_reports_unreachable_url(tmp_path):
+def test_fetch_reports_unreachable_url_and_leaves_no_folder(tmp_path):
     with pytest.raises(DataError, match="could not download"):
-        fetch(tmp_path / "x", url="http://127.0.0.1:9/none.zip")
+        fetch(tmp_path / "data" / "isbi2012", url="http://127.0.0.1:9/none.zip")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fetch_installs_into_the_environment_folder(isbi_dir, http_root, tmp_path, monkeypatch):
+    root, url = http_root
+    _zip(root / "isbi.zip", isbi_dir)
+    monkeypatch.setenv("ISBI2012_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.chdir(tmp_path)
+    assert data.main(["fetch", "--url", f"{url}/isbi.zip"]) == 0
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == sorted(FILES)
+    assert not (tmp_path / "data").exists()
 
 
 def test_command_line_verify(isbi_dir, tmp_path, capsys):
-    assert data.main(["verify", "--dir", str(isbi_dir)]) == 0
+    assert data.main(["verify", "--data-dir", str(isbi_dir)]) == 0
     assert "verified" in capsys.readouterr().out
-    assert data.main(["verify", "--dir", str(tmp_path)]) == 2
+    assert data.main(["verify", "--data-dir", str(tmp_path)]) == 2
     assert "fetch" in capsys.readouterr().err
+    assert data.main(["verify", "--dir", str(isbi_dir)]) == 0  # the old spelling, with a note
+    assert "--dir is now called --data-dir" in capsys.readouterr().err

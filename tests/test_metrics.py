@@ -14,7 +14,9 @@ from ronneberger2015.metrics import (
     SIMPLE,
     SWEEP,
     WARPING_SWEEP,
+    dice,
     evaluate,
+    iou,
     pixel_error,
     rand_error,
     thin,
@@ -320,3 +322,45 @@ def test_command_line(tmp_path, capsys):
     assert "exceed 1" in capsys.readouterr().err
     assert main(arguments + ["--slices", "2-5"]) == 2
     assert "slices 0-1" in capsys.readouterr().err
+
+
+def test_foreground_iou_and_dice_count_pixels():
+    rng = np.random.default_rng(5)
+    proposal, truth = rng.random((2, 9, 11)), rng.random((2, 9, 11)) > 0.5
+    predicted = proposal > 0.3
+    both, either = np.sum(predicted & truth), np.sum(predicted | truth)
+    assert iou(proposal, truth, threshold=0.3) == pytest.approx(both / either)
+    assert dice(proposal, truth, threshold=0.3) == pytest.approx(2 * both / (predicted.sum() + truth.sum()))
+    assert iou(np.zeros((3, 3)), np.zeros((3, 3))) == dice(np.zeros((3, 3)), np.zeros((3, 3))) == 1.0
+    with pytest.raises(ValueError, match=r"threshold must lie in \[0, 1\)"):
+        iou(proposal, truth, threshold=1.0)
+
+
+def test_command_line_scores_instance_truth_against_its_separated_mask(tmp_path, capsys):
+    from ronneberger2015.weightmap import separate_instances
+
+    cells = np.zeros((30, 40), np.uint16)
+    cells[2:28, 2:20], cells[2:28, 20:38] = 7, 9  # two touching cells
+    proposal = np.clip(np.random.default_rng(2).normal(0.5, 0.3, cells.shape), 0, 1) * (cells > 0)
+    tifffile.imwrite(tmp_path / "p.tif", proposal.astype(np.float32))
+    tifffile.imwrite(tmp_path / "cells.tif", cells)
+    assert main(["evaluate", str(tmp_path / "p.tif"), str(tmp_path / "cells.tif"), "--json", "--threshold", "0.4"]) == 0
+    captured = capsys.readouterr()
+    result, separated = json.loads(captured.out), separate_instances(cells) > 0
+    expected = evaluate(proposal.astype(np.float32), separated)
+    assert {k: result[k]["value"] for k in expected} == pytest.approx(expected)
+    assert result["iou"] == {"value": pytest.approx(iou(proposal.astype(np.float32), separated, threshold=0.4)),
+                             "threshold": 0.4}
+    assert "instance ids" in captured.err and "2 cells" in captured.err
+
+
+def test_command_line_names_mismatched_stacks_and_both_polarity_causes(tmp_path, capsys):
+    tifffile.imwrite(tmp_path / "p.tif", np.full((3, 7, 11), 0.5, np.float32), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "truth.tif", np.stack([TRUTH] * 2))
+    assert main(["evaluate", str(tmp_path / "p.tif"), str(tmp_path / "truth.tif"), "--slices", "0-1"]) == 2
+    assert "the proposal (3 slice(s) of 7x11) and the truth (2 of 7x11) differ" in capsys.readouterr().err
+    tifffile.imwrite(tmp_path / "inverted.tif", (255 - TRUTH)[None])
+    tifffile.imwrite(tmp_path / "good.tif", (TRUTH / 255.0).astype(np.float32)[None])
+    assert main(["evaluate", str(tmp_path / "good.tif"), str(tmp_path / "inverted.tif")]) == 0
+    err = capsys.readouterr().err
+    assert "pass --membrane" in err and "invert the labels" in err

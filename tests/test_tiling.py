@@ -78,7 +78,7 @@ def seamless_case():
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_tiles_equal_one_pass_over_the_mirrored_image(seamless_case, tile, batch_size):
     model, image, expected = seamless_case
-    got = predict(model, image, tile=tile, batch_size=batch_size)
+    got = predict(model, image, output_tile=tile, batch_size=batch_size)
     assert got.dtype == np.float32 and got.shape == (2, 900, 700)
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
@@ -143,7 +143,7 @@ def test_dihedral_transforms_are_eight_and_undone():
 @pytest.mark.parametrize("tile", [None, (52, 36)])
 def test_tta_inverts_each_transform(tile):
     image = random_image(70, 45)
-    got = predict(Echo(), image, tile=tile, tta=True, batch_size=5)
+    got = predict(Echo(), image, output_tile=tile, tta=True, batch_size=5)
     np.testing.assert_allclose(got[1], sigmoid(image), atol=1e-6)
 
 
@@ -152,7 +152,7 @@ def test_tta_equals_mean_over_transformed_passes():
     padded = torch.from_numpy(np.pad(image, model.border, mode="reflect"))[None, None]
     with torch.no_grad():
         expected = torch.stack([_undo(torch.softmax(model(_dihedral(padded, *t)), 1), *t) for t in DIHEDRAL]).mean(0)
-    got = predict(model, image, tile=(52, 36), tta=True, batch_size=3)
+    got = predict(model, image, output_tile=(52, 36), tta=True, batch_size=3)
     np.testing.assert_allclose(got, expected[0].numpy(), atol=1e-5)
 
 
@@ -213,10 +213,10 @@ def test_bad_images(image, in_channels, message):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"tile": 490}, "valid output tiles near 490: 484 and 500"),
-        ({"tile": (388, 390)}, "valid output tiles near 390: 388 and 404"),
-        ({"tile": 4}, "tile sides must be integers >= 2\\*\\*depth = 16"),
-        ({"tile": (388, 388, 388)}, "one side or a"),
+        ({"output_tile": 490}, "valid output tiles near 490: 484 and 500"),
+        ({"output_tile": (388, 390)}, "valid output tiles near 390: 388 and 404"),
+        ({"output_tile": 4}, "tile sides must be integers >= 2\\*\\*depth = 16"),
+        ({"output_tile": (388, 388, 388)}, "one side or a"),
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"precision": "fp16"}, "precision must be one of"),
     ],
@@ -275,3 +275,82 @@ def test_bad_checkpoints(tmp_path, capsys):
                  str(tmp_path / "junk.pt")]) == 2
     assert capsys.readouterr().err.startswith("error: checkpoint")
     assert not (tmp_path / "o.tif").exists()
+
+
+def test_cli_folders_thresholds_and_instances(tmp_path, checkpoint, capsys):
+    """A folder in, the same names out: probabilities as NAME.tif, masks and labels in the input's format."""
+    from skimage.measure import label
+
+    model, path = checkpoint
+    (tmp_path / "in").mkdir()
+    images = (random_image(3, 30, 40) * 255).astype(np.uint8)
+    for name, image in zip(("a.png", "b.tif", "c.png"), images):
+        (skio.imsave(tmp_path / "in" / name, image, check_contrast=False) if name.endswith(".png")
+         else tifffile.imwrite(tmp_path / "in" / name, image))
+    expected = predict(model, images)[:, 1]
+    threshold = float(np.median(expected))
+    run = ["predict", str(tmp_path / "in"), "--checkpoint", str(path)]
+    assert main(run + ["-o", str(tmp_path / "p")]) == 0
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["a.tif", "b.tif", "c.tif"]
+    np.testing.assert_allclose(tifffile.imread(tmp_path / "p" / "c.tif"), expected[2], atol=1e-6)
+    assert main(run + ["-o", str(tmp_path / "m"), "--threshold", str(threshold)]) == 0
+    masks = skio.imread(tmp_path / "m" / "a.png")
+    np.testing.assert_array_equal(masks, np.where(expected[0] > threshold, 255, 0))
+    assert main(run + ["-o", str(tmp_path / "i"), "--instances", "--threshold", str(threshold)]) == 0
+    cells = tifffile.imread(tmp_path / "i" / "b.tif")
+    assert cells.dtype == np.uint16
+    np.testing.assert_array_equal(cells, label(expected[1] > threshold, connectivity=1))
+    assert "wrote cells (P > " in capsys.readouterr().out
+
+
+def test_cli_never_writes_over_its_input(tmp_path, checkpoint, capsys):
+    _, path = checkpoint
+    image = (random_image(20, 20) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "x.tif", image)
+    (tmp_path / "link.tif").symlink_to(tmp_path / "x.tif")
+    for output in ("x.tif", "./x.tif", "link.tif"):
+        assert main(["predict", str(tmp_path / "x.tif"), "-o", str(tmp_path / output), "--checkpoint", str(path)]) == 2
+        assert "is an input: writing it would destroy" in capsys.readouterr().err
+    (tmp_path / "folder").mkdir()
+    tifffile.imwrite(tmp_path / "folder" / "y.tif", image)
+    assert main(["predict", str(tmp_path / "folder"), "-o", str(tmp_path / "folder"), "--checkpoint", str(path)]) == 2
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "x.tif"), image)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "folder" / "y.tif"), image)
+
+
+def test_cli_checks_outputs_before_predicting(tmp_path, checkpoint, capsys, monkeypatch):
+    import ronneberger2015.tiling as tiling
+
+    _, path = checkpoint
+    tifffile.imwrite(tmp_path / "x.tif", np.zeros((20, 20), np.uint8))
+    monkeypatch.setattr(tiling, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["predict", str(tmp_path / "x.tif"), "-o", str(tmp_path / "x.png"), "--checkpoint", str(path)]) == 2
+    assert "float results are written as .tif or .tiff" in capsys.readouterr().err
+
+
+def test_cli_old_tile_flag_takes_an_input_side(tmp_path, capsys):
+    model = tiny(depth=4, seed=1)  # depth 4: input sides 16k + 60 and output sides 16k - 124 never coincide
+    network = {"base_channels": 2, "depth": 4}
+    torch.save({"model": model.state_dict(), "config": {"network": network}}, tmp_path / "m.pt")
+    image = (random_image(40, 40) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "x.tif", image)
+    assert main(["predict", str(tmp_path / "x.tif"), "-o", str(tmp_path / "o.tif"), "--checkpoint",
+                 str(tmp_path / "m.pt"), "--tile", "204"]) == 0
+    err = capsys.readouterr().err
+    assert "--tile is now called --output-tile" in err and "204 is an input tile side; taking --output-tile 20" in err
+    np.testing.assert_allclose(tifffile.imread(tmp_path / "o.tif"), predict(model, image, output_tile=20)[1], atol=1e-6)
+
+
+def test_non_finite_output_is_refused(tmp_path):
+    model = tiny(seed=1)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="output is not finite"):
+        predict(model, random_image(20, 20))
+
+
+def test_an_image_is_not_a_checkpoint(tmp_path):
+    tifffile.imwrite(tmp_path / "x.tif", np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match="is an image, not a checkpoint") as raised:
+        load_model(tmp_path / "x.tif")
+    assert "delete" not in str(raised.value)

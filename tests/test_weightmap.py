@@ -312,3 +312,53 @@ def test_cli_usage_errors_exit_2(tmp_path):
         with pytest.raises(SystemExit) as exit_:
             main(["weightmap", *argv])
         assert exit_.value.code == 2
+
+
+def test_cli_never_writes_over_its_input(tmp_path, capsys):
+    labels = random_cells(12).astype(np.uint8) * 255
+    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    (tmp_path / "link.tif").symlink_to(tmp_path / "labels.tif")
+    for output in ("labels.tif", "./labels.tif", "link.tif"):
+        assert main(["weightmap", str(tmp_path / "labels.tif"), "-o", str(tmp_path / output)]) == 2
+        assert "is an input: writing it would destroy" in capsys.readouterr().err
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "labels.tif"), labels)
+
+
+def test_cli_says_how_labels_were_read_and_warns_on_empty_slices(tmp_path, capsys):
+    classes = np.zeros((2, 20, 20), np.uint8)
+    classes[0, 2:8, 2:8], classes[0, 10:18, 10:18] = 1, 2  # a 0/1/2 class mask reads as two cell ids
+    tifffile.imwrite(tmp_path / "classes.tif", classes)
+    assert main(["weightmap", str(tmp_path / "classes.tif"), "-o", str(tmp_path / "w.tif")]) == 0
+    captured = capsys.readouterr()
+    assert "labels read as instance ids" in captured.out and "--binary" in captured.out and "2 cells in 2 slices" in captured.out
+    assert "slice(s) [1] have no cell" in captured.err
+    assert main(["weightmap", str(tmp_path / "classes.tif"), "-o", str(tmp_path / "w.tif"), "--binary"]) == 0
+    assert "a binary mask" in capsys.readouterr().out
+
+
+def test_non_finite_weights_are_refused(tmp_path, capsys):
+    labels = random_cells(13).astype(np.uint8) * 255
+    with pytest.raises(ValueError, match="overflows float32 with w0 = 1e\\+300"):
+        weight_map(labels, w0=1e300)
+    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    assert main(["weightmap", str(tmp_path / "labels.tif"), "-o", str(tmp_path / "w.tif"), "--w0", "1e300"]) == 2
+    assert not (tmp_path / "w.tif").exists()
+
+
+def test_cli_checks_the_preview_name_before_writing(tmp_path, capsys):
+    tifffile.imwrite(tmp_path / "labels.tif", random_cells(14).astype(np.uint8) * 255)
+    assert main(["weightmap", str(tmp_path / "labels.tif"), "-o", str(tmp_path / "w.tif"),
+                 "--preview", str(tmp_path / "p.jpg")]) == 2
+    assert "the preview is a PNG" in capsys.readouterr().err and not (tmp_path / "w.tif").exists()
+
+
+def test_cli_folder_in_folder_out(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "masks").mkdir()
+    masks = [random_cells(seed).astype(np.uint8) * 255 for seed in (15, 16)]
+    skio.imsave(tmp_path / "masks" / "a.png", masks[0], check_contrast=False)
+    Image.fromarray(masks[1]).convert("P").save(tmp_path / "masks" / "b.gif")
+    assert main(["weightmap", str(tmp_path / "masks"), "-o", str(tmp_path / "weights")]) == 0
+    for name, mask in zip(("a.tif", "b.tif"), masks):
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / "weights" / name), weight_map(mask))
