@@ -1,4 +1,4 @@
-"""``python -m reproduce.benchmark {weightmap,augment,predict,metrics,train}``
+"""``python -m reproduce.benchmark {weightmap,augment,predict,metrics,train,threads}``
 
 Each benchmark times our code against a plain baseline run in the same
 process and prints the ratio; figures recorded in docs/performance.md come
@@ -44,7 +44,7 @@ def timeit(function: Callable[[], object], *, repeat: int = 5, warmup: int = 1, 
 
 def _device(args: argparse.Namespace):
     """The device to time on: ``--device``, else CUDA when available."""
-    from ronneberger2015.train import resolve_device
+    from ronneberger2015.runtime import resolve_device
 
     return resolve_device(args.device)
 
@@ -291,6 +291,58 @@ def bench_metrics(args: argparse.Namespace) -> None:
           f"{baseline:.2f} s (ratio {baseline / seconds['rand_error']:.1f})")
 
 
+def _step(config, source, stacks, generator, device):
+    """One training step (Sec. 3) of a fresh ``config.network`` on ``device``, as a function: the plain
+    baseline's ``source`` returns one fixed tile, ours draws augmented ones (Sec. 3.1)."""
+    import torch
+
+    from ronneberger2015.network import UNet
+    from ronneberger2015.training import engine, training_step
+
+    torch.manual_seed(0)
+    forward, optimizer = engine(UNet(**config.network).to(device).train(), config)
+    return lambda: training_step(forward, optimizer, source, stacks, generator)
+
+
+def bench_threads(args: argparse.Namespace) -> None:
+    """CPU threads: ms per training step of the ``cpu`` preset (``--quick``: ``smoke``), augmentation included,
+    at torch's default thread count (the baseline) and at every count from 1 to the number of cores.
+
+    On a machine shared with other work, fewer threads than cores can be faster: the load average before
+    and after is printed beside the times.
+    """
+    import dataclasses
+    import os
+
+    import torch
+
+    from ronneberger2015.augment import Augmenter
+    from ronneberger2015.network import output_size
+    from ronneberger2015.training import PRESETS
+
+    config = PRESETS["smoke" if args.quick else "cpu"]
+    config = dataclasses.replace(config, network={**config.network, **({"base_channels": args.base_channels}
+                                                                       if args.base_channels else {})})
+    device, repeat = torch.device("cpu"), 3 if args.quick else 10
+    generator = torch.Generator().manual_seed(0)
+    stacks = (torch.rand(20, 512, 512, generator=generator), torch.zeros(20, 512, 512, dtype=torch.long),
+              torch.ones(20, 512, 512))
+    augmenter = Augmenter(config.input_tile, output_size(config.input_tile, config.network["depth"]))
+    default, cores = torch.get_num_threads(), os.cpu_count()
+    print(f"training step of the {'smoke' if args.quick else 'cpu'} preset: {config.network['base_channels']} base "
+          f"channels, {config.input_tile} tile, {config.precision}, {config.engine} engine, augmentation included; "
+          f"{cores} cores, torch's default {default} threads; load average before {os.getloadavg()[0]:.2f}")
+    print(f"{'threads':>8} {'ms/step':>9} {'vs default':>11}")
+    baseline = None
+    for threads in [default, *(t for t in range(1, cores + 1) if t != default)]:
+        torch.set_num_threads(threads)
+        ms = timeit(_step(config, augmenter, stacks, generator, device), repeat=repeat, warmup=2)
+        baseline = baseline or ms
+        print(f"{threads:>8} {ms:>9.1f} {baseline / ms:>10.2f}x" + ("  (default)" if threads == default else ""))
+    torch.set_num_threads(default)
+    print(f"load average after {os.getloadavg()[0]:.2f}; vs default: above 1 is faster than torch's default")
+
+
 def bench_train(args: argparse.Namespace) -> None:
     """Sec. 3: ms per training step (batch 1: forward, Eq. 1, backward, SGD with momentum 0.99).
 
@@ -314,7 +366,7 @@ def bench_train(args: argparse.Namespace) -> None:
     from ronneberger2015.augment import Augmenter
     from ronneberger2015.loss import weighted_cross_entropy
     from ronneberger2015.network import UNet
-    from ronneberger2015.train import TrainConfig, engine, training_step
+    from ronneberger2015.training import TrainConfig, engine
 
     device = _device(args)
     cuda = device.type == "cuda"
@@ -338,12 +390,6 @@ def bench_train(args: argparse.Namespace) -> None:
     step_flops = 3 * _forward_flops(network, tile)  # forward, input gradients, weight gradients
     peak, peak_dtype = _matmul_peak(device)
 
-    def step(config, source):
-        """A step of a fresh network: the plain baseline reads one fixed tile, ours draws augmented ones."""
-        torch.manual_seed(0)
-        forward, optimizer = engine(UNet(**network).to(device).train(), config)
-        return lambda: training_step(forward, optimizer, source, stacks, generator)
-
     fixed = lambda *stacks, **draw: (x, y, w)  # noqa: E731
     rows = [("plain eager", "plain", "fp32", None, fixed), ("plain eager", "plain", "bf16", None, fixed),
             ("ours: training_step + augmentation", "fast", "fp32", None, augmenter),
@@ -357,7 +403,8 @@ def bench_train(args: argparse.Namespace) -> None:
     print(f"{'method':<44} {'ms/step':>9} {'TFLOP/s':>8} {'vs fp32':>8} {'vs bf16':>8} {'x floor':>8} {'peak GPU':>9}")
     times = {}
     for name, engine_name, precision, mode, source in rows:
-        run = step(dataclasses.replace(base, engine=engine_name, precision=precision, compile=mode), source)
+        run = _step(dataclasses.replace(base, engine=engine_name, precision=precision, compile=mode), source, stacks,
+                    generator, device)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         ms = timeit(run, repeat=repeat, warmup=warmup + 2 * bool(mode), device=device)
@@ -394,6 +441,7 @@ BENCHMARKS = {
     "predict": bench_predict,
     "metrics": bench_metrics,
     "train": bench_train,
+    "threads": bench_threads,
 }
 
 
@@ -404,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None, help="ISBI 2012 folder (default: $ISBI2012_DIR, then data/isbi2012)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes (seconds, for CI)")
     parser.add_argument("--base-channels", type=int, metavar="N",
-                        help="train: the network's width (default: 64 on a GPU, 16 on the CPU, 4 with --quick)")
+                        help="train, threads: the network's width (default: 64 on a GPU, 16 on the CPU, 4 with --quick)")
     parser.add_argument("--compile", nargs="*", default=[], metavar="MODE",
                         help="train: also time the fast bf16 step with torch.compile in these modes "
                              "(default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs)")

@@ -34,7 +34,8 @@ from ronneberger2015.commandline import renamed, set_threads
 from ronneberger2015.data import load_isbi
 from ronneberger2015.metrics import evaluate
 from ronneberger2015.tiling import predict
-from ronneberger2015.train import TrainingDiverged, add_training_options, config_from_args, resolve_device, train
+from ronneberger2015.runtime import resolve_device
+from ronneberger2015.training import TrainingDiverged, add_training_options, config_from_args, train
 
 HELD_OUT = slice(20, 30)
 TRAIN_HELD_OUT = slice(0, 20)

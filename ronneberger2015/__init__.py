@@ -4,16 +4,22 @@ Public API (each docstring names the paper's section it implements)::
 
     UNet, output_size, input_size    the network (Sec. 2, Fig. 1)
     weight_map                       the boundary weight map (Sec. 3, Eq. 2)
-    predict                          overlap-tile prediction with mirroring (Fig. 2)
+    weighted_cross_entropy           the energy function (Sec. 3, Eq. 1)
+    Augmenter                        elastic deformation, shift, rotation, gray values (Sec. 3.1)
+    train, TrainConfig               SGD with momentum 0.99, batch 1 (Sec. 3)
+    predict, load_model              overlap-tile prediction with mirroring (Fig. 2)
+    label_cells                      probabilities to one id per cell
     metrics                          the ISBI 2012 challenge metrics (Sec. 4)
-
-Training (Sec. 3) is ``ronneberger2015.train``, augmentation (Sec. 3.1)
-``ronneberger2015.augment``, the loss (Eq. 1) ``ronneberger2015.loss``.
 """
 from . import metrics
+from .augment import Augmenter
+from .loss import weighted_cross_entropy
 from .network import UNet, input_size, output_size
-from .tiling import predict
+from .segmentation import label_cells
+from .tiling import load_model, predict
+from .training import TrainConfig, train
 from .weightmap import weight_map
 
-__all__ = ["UNet", "output_size", "input_size", "weight_map", "predict", "metrics"]
-__version__ = "0.1.0"
+__all__ = ["UNet", "output_size", "input_size", "weight_map", "weighted_cross_entropy", "Augmenter", "train",
+           "TrainConfig", "predict", "load_model", "label_cells", "metrics"]
+__version__ = "0.2.0"

@@ -33,8 +33,9 @@ from tqdm import tqdm
 from .io import image_to_float, load_checkpoint, output_files, read_images, write_image
 from .segmentation import label_cells, mask
 from .network import UNet, input_size, output_size
+from .runtime import BYTES, PRECISIONS, autocast, check_precision, resolve_device
 
-__all__ = ["predict", "load_model", "cli", "DEFAULT_MEMORY_BUDGET", "DIHEDRAL"]
+__all__ = ["predict", "load_model", "DEFAULT_MEMORY_BUDGET", "DIHEDRAL"]
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
 """Bytes of activations one forward pass may hold when ``tile`` or ``batch_size`` is not given."""
@@ -43,9 +44,6 @@ ACTIVATION_MAPS = 6
 """Peak live activations of a forward pass, in feature maps of ``base_channels`` channels at the
 input tile's size: the first expansive level holds the skip (1), the up-convolution (1), their
 concatenation (2) and a convolution output (1); one more for workspace."""
-
-BYTES = {"fp32": 4, "bf16": 2}
-"""Bytes per activation for each ``precision`` (bf16: autocast on the model's convolutions)."""
 
 DIHEDRAL = tuple((turns, flip) for turns in range(4) for flip in (False, True))
 """The 8 symmetries of the square: ``turns`` quarter turns, then a left-right flip or not."""
@@ -144,7 +142,7 @@ def _undo(x: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
 
 
 def _probabilities(model: nn.Module, tiles: torch.Tensor, transforms: Sequence[tuple[int, bool]],
-                   chunk: int, bf16: bool) -> torch.Tensor:
+                   chunk: int, precision: str) -> torch.Tensor:
     """Soft-max probabilities of a batch of input tiles, averaged over ``transforms``.
 
     The transformed copies of all tiles run together, ``chunk`` per forward
@@ -159,7 +157,7 @@ def _probabilities(model: nn.Module, tiles: torch.Tensor, transforms: Sequence[t
     for members in groups.values():
         probabilities = []
         for part in torch.cat([view for _, view in members]).split(chunk):
-            with torch.autocast(part.device.type, dtype=torch.bfloat16, enabled=bf16):
+            with autocast(part.device, precision):
                 logits = model(part.contiguous(memory_format=torch.channels_last))
             probabilities.append(torch.softmax(logits.float(), dim=1))
         for (transform, _), p in zip(members, torch.cat(probabilities).split(len(tiles))):
@@ -271,8 +269,7 @@ def predict(
                       stacklevel=2)
         output_tile = tile if output_tile is None else output_tile
     tile = output_tile
-    if precision not in BYTES:
-        raise ValueError(f"precision must be one of {sorted(BYTES)}, got {precision!r}")
+    check_precision(precision)
     stack, single = _as_stack(image, model.in_channels)
     depth, border = model.depth, model.border
     pixel_bytes = ACTIVATION_MAPS * model.base_channels * BYTES[precision]
@@ -299,7 +296,7 @@ def predict(
     result = np.empty((len(stack), model.num_classes, *size), dtype=np.float32)
     batches = _batched(_tiles(stack, rows, cols, window, border, (below, right)), per_batch)
     forward = functools.partial(_probabilities, model, transforms=transforms, chunk=batch_size,
-                                bf16=precision == "bf16")
+                                precision=precision)
     training = model.training
     model.eval()
     try:
@@ -337,8 +334,6 @@ def load_model(checkpoint, device: str | torch.device | None = None) -> UNet:
 def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
     """``python -m ronneberger2015 predict INPUT -o OUTPUT --checkpoint CKPT``."""
     from .commandline import add_threads, renamed, require, set_threads
-    from .train import resolve_device
-
     parser = argparse.ArgumentParser(prog=prog, description="Overlap-tile prediction (Fig. 2): cell-interior "
                                      "probabilities as float32 TIFF (the ISBI 2012 format), or with --threshold a "
                                      "mask, or with --instances one id per cell.")
@@ -353,7 +348,7 @@ def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--batch-size", type=int,
                         help="network inputs per forward pass (default: 1 on CPU, else what fits memory)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--precision", choices=sorted(BYTES), default="fp32", help="bf16: autocast (default: fp32)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16: autocast (default: fp32)")
     add_threads(parser)
     written = parser.add_mutually_exclusive_group()
     written.add_argument("--membrane", action="store_true",

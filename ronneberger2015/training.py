@@ -41,21 +41,20 @@ from .augment import Augmenter
 from .commandline import add_threads, renamed, require, set_threads
 from .loss import weighted_cross_entropy
 from .network import UNet, output_size
+from .runtime import PRECISIONS, autocast, check_precision, resolve_device
 from .tiling import predict
 from .validation import SCORES, Validation, diagnose, improves, validate, validation_set
 from .weightmap import label_reading, target_and_weights
 
-__all__ = ["TrainConfig", "PRESETS", "PRECISIONS", "ENGINES", "COMPILE_MODES", "RESUMABLE", "engine", "train",
-           "training_step", "TrainingDiverged", "TrainingWarning", "resolve_device"]
+__all__ = ["TrainConfig", "PRESETS", "ENGINES", "COMPILE_MODES", "RESUMABLE", "engine", "train", "training_step",
+           "TrainingDiverged", "TrainingWarning", "read_log", "plot_loss", "add_training_options", "config_from_args",
+           "cli"]
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 LOG = "log.csv"
 CONFIG = "config.json"
 SUMMARY = "summary.json"
-
-PRECISIONS = ("fp32", "bf16")
-"""fp32, the reference; or bf16 autocast around the network (weights, gradients, momentum and loss in float32)."""
 
 ENGINES = ("fast", "plain")
 """How a step is executed. "fast": channels_last activations and weights, fused SGD. "plain": torch's
@@ -109,8 +108,7 @@ class TrainConfig:
     augment: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_precision(self.precision)
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.compile is not None and self.compile not in COMPILE_MODES:
@@ -157,19 +155,6 @@ class TrainingWarning(UserWarning):
     """The run ended but did not learn: its loss did not fall, or its output is near-constant."""
 
 
-def resolve_device(name: str | torch.device | None = None) -> torch.device:
-    """The device ``name`` names, checked; by default CUDA when available, else the CPU."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"device {str(name)!r} is not a device name ({error}); use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(name)!r} was asked for, but CUDA is not available here; use cpu")
-    return device
-
-
 def engine(model: UNet, config: TrainConfig):
     """The network's forward pass and the SGD optimizer (Sec. 3) as ``config`` runs them.
 
@@ -186,12 +171,12 @@ def engine(model: UNet, config: TrainConfig):
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum,
                                 weight_decay=config.weight_decay, fused=fast or None)
     network = torch.compile(model, mode=config.compile) if config.compile else model
-    device_type = next(model.parameters()).device.type
+    device = next(model.parameters()).device
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if config.compile:
             torch.compiler.cudagraph_mark_step_begin()  # each call is a new step (for "reduce-overhead")
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+        with autocast(device, config.precision):
             return network(x.contiguous(memory_format=layout))
 
     return forward, optimizer
