@@ -16,6 +16,8 @@ At depth 4 the valid sides are 16k + 60 (k >= 8), with output = input - 184:
 """
 from __future__ import annotations
 
+import re
+
 import numbers
 from typing import Sequence
 
@@ -100,6 +102,37 @@ class _DoubleConv(nn.Sequential):
         )
 
 
+def _earlier_names(state_dict: dict, prefix: str, *args) -> None:
+    """Rename the keys of checkpoints written by version 0.1, where the expansive path's layers were
+    ``upconv.i.*`` and ``up.i.k.*``, to ``up.i.upconv.*`` and ``up.i.convs.k.*``."""
+    for key in list(state_dict):
+        name = key[len(prefix):]
+        if match := re.fullmatch(r"upconv\.(\d+)\.(.+)", name):
+            state_dict[f"{prefix}up.{match[1]}.upconv.{match[2]}"] = state_dict.pop(key)
+        elif match := re.fullmatch(r"up\.(\d+)\.(\d+\..+)", name):
+            state_dict[f"{prefix}up.{match[1]}.convs.{match[2]}"] = state_dict.pop(key)
+
+
+class _UpBlock(nn.Module):
+    """One step of the expansive path (Sec. 2): "an upsampling of the feature map followed by a 2x2
+    convolution ('up-convolution') that halves the number of feature channels, a concatenation with the
+    correspondingly cropped feature map from the contracting path, and two 3x3 convolutions, each followed
+    by a ReLU". ``relu_after_upconv``: the authors' release also rectifies the up-convolution's output."""
+
+    def __init__(self, in_channels: int, up_channels: int, skip_channels: int, out_channels: int,
+                 relu_after_upconv: bool = False):
+        super().__init__()
+        self.upconv = nn.ConvTranspose2d(in_channels, up_channels, 2, stride=2)
+        self.relu_after_upconv = relu_after_upconv
+        self.convs = _DoubleConv(up_channels + skip_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.upconv(x)
+        if self.relu_after_upconv:
+            x = F.relu(x)
+        return self.convs(torch.cat([x, _center_crop(skip, x.shape[-2], x.shape[-1])], dim=1))
+
+
 class UNet(nn.Module):
     """The unpadded U-Net of Ronneberger et al. (2015), Fig. 1.
 
@@ -151,16 +184,15 @@ class UNet(nn.Module):
             _DoubleConv(c_in, c_out) for c_in, c_out in zip([in_channels] + channels[:-1], channels)
         )
         self.dropout = nn.Dropout(dropout)
-        self.upconv = nn.ModuleList()
-        self.up = nn.ModuleList()
-        for level in reversed(range(depth)):
-            up_channels = channels[level]
-            if variant == "release" and level == 0:
-                up_channels = 2 * channels[0]
-            self.upconv.append(nn.ConvTranspose2d(channels[level + 1], up_channels, 2, stride=2))
-            self.up.append(_DoubleConv(up_channels + channels[level], channels[level]))
+        release = variant == "release"
+        self.up = nn.ModuleList(
+            _UpBlock(channels[level + 1], 2 * channels[0] if release and level == 0 else channels[level],
+                     channels[level], channels[level], relu_after_upconv=release)
+            for level in reversed(range(depth))
+        )
         self.head = nn.Conv2d(channels[0], num_classes, 1)
         self.reset_parameters()
+        self._register_load_state_dict_pre_hook(_earlier_names)
 
     def reset_parameters(self) -> None:
         """He initialisation: weights ~ N(0, sqrt(2 / fan_in)), biases 0 (Sec. 3)."""
@@ -196,10 +228,6 @@ class UNet(nn.Module):
                 x = self.dropout(x)
             skips.append(x)
         x = skips.pop()
-        for upconv, block in zip(self.upconv, self.up):
-            x = upconv(x)
-            if self.variant == "release":
-                x = F.relu(x)
-            skip = skips.pop()
-            x = block(torch.cat([x, _center_crop(skip, x.shape[-2], x.shape[-1])], dim=1))
+        for block in self.up:
+            x = block(x, skips.pop())
         return self.head(x)

@@ -83,13 +83,14 @@ def test_layer_count(paper):
 
 def test_channels_per_level(paper):
     assert [block[2].out_channels for block in paper.down] == [64, 128, 256, 512, 1024]
-    assert [(u.in_channels, u.out_channels, u.kernel_size, u.stride) for u in paper.upconv] == [
+    upconvs = [block.upconv for block in paper.up]
+    assert [(u.in_channels, u.out_channels, u.kernel_size, u.stride) for u in upconvs] == [
         (1024, 512, (2, 2), (2, 2)), (512, 256, (2, 2), (2, 2)), (256, 128, (2, 2), (2, 2)), (128, 64, (2, 2), (2, 2))
     ]
-    assert all(u.bias is not None for u in paper.upconv)
-    assert [block[0].in_channels for block in paper.up] == [1024, 512, 256, 128]
+    assert all(u.bias is not None for u in upconvs)
+    assert [block.convs[0].in_channels for block in paper.up] == [1024, 512, 256, 128]
     release = UNet(variant="release")
-    assert release.upconv[-1].out_channels == 128 and release.up[-1][0].in_channels == 192
+    assert release.up[-1].upconv.out_channels == 128 and release.up[-1].convs[0].in_channels == 192
 
 
 def test_init_std(paper):
@@ -111,7 +112,7 @@ def test_center_crop_and_concat():
     """The skip is centre-cropped and concatenated after the up-sampled map, as in the release."""
     model = UNet(base_channels=2, depth=1, dropout=0.0).eval()
     skips = {}
-    model.up[0].register_forward_pre_hook(lambda m, args: skips.setdefault("cat", args[0]))
+    model.up[0].convs.register_forward_pre_hook(lambda m, args: skips.setdefault("cat", args[0]))
     model.down[0].register_forward_hook(lambda m, args, out: skips.setdefault("skip", out))
     x = torch.randn(1, 1, 60, 60)  # depth 1: 60 -> 56 -> 28 -> 24 -> 48 -> 44
     with torch.no_grad():
@@ -125,10 +126,10 @@ def test_center_crop_and_concat():
 def test_release_relu_after_upconv():
     model = UNet(base_channels=2, depth=2, variant="release").eval()
     seen = []
-    model.up[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    model.up[0].convs.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     with torch.no_grad():
         model(torch.randn(1, 1, 108, 108))
-    assert seen[0][:, : model.upconv[0].out_channels].min() >= 0
+    assert seen[0][:, : model.up[0].upconv.out_channels].min() >= 0
 
 
 def test_dropout_train_only():
@@ -148,12 +149,12 @@ def test_dropout_reaches_512_skip():
     torch.manual_seed(0)
     model = UNet(base_channels=2, depth=2).train()
     captured = []
-    model.up[-1].register_forward_pre_hook(lambda m, args: captured.append(("shallow", args[0])))
-    model.up[0].register_forward_pre_hook(lambda m, args: captured.append(("deep", args[0])))
+    model.up[-1].convs.register_forward_pre_hook(lambda m, args: captured.append(("shallow", args[0])))
+    model.up[0].convs.register_forward_pre_hook(lambda m, args: captured.append(("deep", args[0])))
     with torch.no_grad():
         model(torch.rand(1, 1, 108, 108) + 1)
-    deep_skip = dict(captured)["deep"][:, model.upconv[0].out_channels :]
-    shallow_skip = dict(captured)["shallow"][:, model.upconv[1].out_channels :]
+    deep_skip = dict(captured)["deep"][:, model.up[0].upconv.out_channels :]
+    shallow_skip = dict(captured)["shallow"][:, model.up[1].upconv.out_channels :]
     assert (deep_skip == 0).float().mean() > 0.3  # about half the units are zeroed
     assert (shallow_skip == 0).float().mean() < (deep_skip == 0).float().mean()
 
@@ -165,3 +166,17 @@ def test_bad_arguments():
         UNet(dropout=1.0)
     with pytest.raises(ValueError, match=r"\(batch, 1, H, W\)"):
         UNet(base_channels=2)(torch.zeros(1, 3, 572, 572))
+
+
+def test_checkpoints_of_version_0_1_load():
+    """Version 0.1 named the expansive path's layers upconv.i and up.i.k; such state dicts still load."""
+    torch.manual_seed(0)
+    model = UNet(base_channels=2, depth=2)
+    earlier = {}
+    for key, value in model.state_dict().items():
+        key = key.replace(".upconv.", ".").replace("up.", "upconv.", 1) if ".upconv." in key else key.replace(".convs.", ".")
+        earlier[key] = value
+    assert "upconv.0.weight" in earlier and "up.1.2.bias" in earlier
+    loaded = UNet(base_channels=2, depth=2)
+    loaded.load_state_dict(earlier)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
