@@ -16,9 +16,8 @@ At depth 4 the valid sides are 16k + 60 (k >= 8), with output = input - 184:
 """
 from __future__ import annotations
 
-import re
-
 import numbers
+import re
 from typing import Sequence
 
 import torch
