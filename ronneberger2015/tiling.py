@@ -114,16 +114,9 @@ def _as_stack(image, in_channels: int) -> tuple[np.ndarray, bool]:
     return image_to_float(stack), single
 
 
-def _tiles(stack: np.ndarray, rows: list, cols: list, window: tuple[int, int], border: int,
-           overhang: tuple[int, int]) -> Iterator[tuple]:
-    """(z, row span, column span, input window) for every tile of every slice, slice by slice.
-
-    Each slice is mirrored once (numpy ``reflect``) by ``border`` on every
-    side, plus the last tiles' ``overhang`` at the bottom and right edges.
-    """
-    for z, image in enumerate(stack):
-        pad = ((0, 0), (border, border + overhang[0]), (border, border + overhang[1]))
-        canvas = np.pad(image, pad, mode="reflect")
+def _tiles(canvases: Iterable[np.ndarray], rows: list, cols: list, window: tuple[int, int]) -> Iterator[tuple]:
+    """(z, row span, column span, input window) for every tile of every mirrored (C, H, W) canvas, slice by slice."""
+    for z, canvas in enumerate(canvases):
         for row, col in itertools.product(rows, cols):
             yield z, row, col, canvas[:, row[0] : row[0] + window[0], col[0] : col[0] + window[1]]
 
@@ -259,33 +252,56 @@ def predict(
     start on the pooling grid (multiples of 2**depth), so the result equals
     one forward pass over the whole mirrored image.
     """
+    stack, single = _as_stack(image, model.in_channels)
+    tile = _tile_sides(model, tile, stack.shape[-2:], precision, memory_budget)
+    border = model.border
+    (rows, below), (cols, right) = (_spans(n, t, 2**model.depth) for n, t in zip(stack.shape[-2:], tile))
+    pad = ((0, 0), (border, border + below), (border, border + right))
+    canvases = (np.pad(image, pad, mode="reflect") for image in stack)
+    result = _predict_spans(model, canvases, len(stack), rows, cols, tile, batch_size=batch_size, device=device,
+                            tta=tta, precision=precision, memory_budget=memory_budget, progress=progress)
+    return result[0] if single else result
+
+
+def _tile_sides(model: UNet, tile, size: Sequence[int], precision: str, memory_budget: int) -> tuple[int, int]:
+    """The output tile (height, width) ``predict`` uses on an image of ``size``: ``tile``, or the largest
+    square whose forward pass fits ``memory_budget``; each side shrunk to the smallest valid one covering the image."""
     if precision not in BYTES:
         raise ValueError(f"precision must be one of {sorted(BYTES)}, got {precision!r}")
-    stack, single = _as_stack(image, model.in_channels)
     depth, border = model.depth, model.border
-    pixel_bytes = ACTIVATION_MAPS * model.base_channels * BYTES[precision]
     if tile is None:
-        tile = _largest_tile(depth, border, pixel_bytes, memory_budget)
+        tile = _largest_tile(depth, border, ACTIVATION_MAPS * model.base_channels * BYTES[precision], memory_budget)
     sides = tuple(tile) if isinstance(tile, (tuple, list)) else (tile, tile)
     if len(sides) != 2:
         raise ValueError(f"tile must be one side or a (height, width) pair, got {tile!r}")
-    size = stack.shape[-2:]
-    tile = tuple(min(_output_tile(s, depth, border), _cover(n, depth)) for s, n in zip(sides, size))
-    window = tuple(t + 2 * border for t in tile)
-    (rows, below), (cols, right) = (_spans(n, t, 2**depth) for n, t in zip(size, tile))
+    return tuple(min(_output_tile(s, depth, border), _cover(n, depth)) for s, n in zip(sides, size))
+
+
+def _predict_spans(model: UNet, canvases: Iterable[np.ndarray], slices: int, rows: list, cols: list,
+                   tile: tuple[int, int], *, batch_size: int | None, device, tta: bool, precision: str,
+                   memory_budget: int, progress: bool) -> np.ndarray:
+    """Probabilities (slices, K, H, W) of the tiles ``rows`` x ``cols`` of mirrored (C, h, w) canvases.
+
+    A span (start, first, end) of ``_spans`` reads canvas rows (or columns)
+    [start, start + tile + 2 * border) and writes result rows [first, end); H
+    and W are the last spans' ends. ``predict`` passes each slice mirrored
+    whole; ``volume.predict_volume`` one block of slices with its border.
+    """
+    window = tuple(t + 2 * model.border for t in tile)
     weights = next(model.parameters(), None)
     device = torch.device(device if device is not None else weights.device if weights is not None else "cpu")
+    pixel_bytes = ACTIVATION_MAPS * model.base_channels * BYTES[precision]
     if batch_size is None:  # one tile keeps a CPU busy; larger CPU batches measured slower
         batch_size = 1 if device.type == "cpu" else max(1, memory_budget // (pixel_bytes * window[0] * window[1]))
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     transforms = DIHEDRAL if tta else DIHEDRAL[:1]
-    count = len(stack) * len(rows) * len(cols)
+    count = slices * len(rows) * len(cols)
     per_batch = min(max(1, batch_size // len(transforms)), max(count, 1))
 
     model.to(device, memory_format=torch.channels_last)
-    result = np.empty((len(stack), model.num_classes, *size), dtype=np.float32)
-    batches = _batched(_tiles(stack, rows, cols, window, border, (below, right)), per_batch)
+    result = np.empty((slices, model.num_classes, rows[-1][2], cols[-1][2]), dtype=np.float32)
+    batches = _batched(_tiles(canvases, rows, cols, window), per_batch)
     forward = functools.partial(_probabilities, model, transforms=transforms, chunk=batch_size,
                                 bf16=precision == "bf16")
     training = model.training
@@ -295,7 +311,7 @@ def predict(
             _run(model, batches, result, forward, window, tile, per_batch, device, bar)
     finally:
         model.train(training)
-    return result[0] if single else result
+    return result
 
 
 def load_model(checkpoint, device: str | torch.device | None = None) -> UNet:
