@@ -337,6 +337,12 @@ def load_model(checkpoint, device: str | torch.device | None = None) -> UNet:
 
 def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
     """``python -m ronneberger2015 predict IMAGE -o OUT --checkpoint CKPT``."""
+    # A Zarr store in or out: a volume larger than memory, predicted block by block (volume.py).
+    from . import volume
+
+    if volume.names_zarr(argv):
+        return volume.cli(argv, prog)
+
     parser = argparse.ArgumentParser(prog=prog, description="Overlap-tile prediction (Fig. 2): a float32 TIFF "
                                      "of cell-interior probabilities, one page per slice (the ISBI 2012 format).")
     parser.add_argument("image", help="TIFF (page or stack) or PNG")
