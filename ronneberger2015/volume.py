@@ -80,6 +80,11 @@ def _fingerprint(model: UNet) -> str:
     return digest.hexdigest()
 
 
+def _marker(block_id) -> str:
+    """A finished block's marker file name: its indices along slices, rows and columns, e.g. ``0.3.1``."""
+    return ".".join(map(str, block_id))
+
+
 def _reflect(index: np.ndarray, size: int) -> np.ndarray:
     """numpy's ``reflect`` padding as an index map: the image row that position ``index`` of a mirrored
     axis of ``size`` rows shows (period 2 (size - 1); a 1-row axis repeats its row)."""
@@ -161,8 +166,8 @@ def _predict_block(block_id: tuple[int, int, int], *, job: _Job, model: UNet | N
     lead = (slice(slices.start, slices.stop),) if source.ndim == 3 else ()
     low_row, low_col = read_rows.min(), read_cols.min()
     raw = source[lead + (slice(low_row, read_rows.max() + 1), slice(low_col, read_cols.max() + 1))]
-    canvases = raw.reshape(-1, *raw.shape[-2:])[:, (read_rows - low_row)[:, None], read_cols - low_col]
-    for z, canvas in zip(slices, canvases):
+    for z, image in zip(slices, raw.reshape(-1, *raw.shape[-2:])):
+        canvas = image[np.ix_(read_rows - low_row, read_cols - low_col)]
         with _FORWARD:
             probabilities = _predict_spans(
                 model, [image_to_float(canvas)[None]], 1, rows, cols, job.tile, batch_size=job.batch_size,
@@ -171,7 +176,7 @@ def _predict_block(block_id: tuple[int, int, int], *, job: _Job, model: UNet | N
         if job.dtype == "uint8":
             probabilities = np.rint(probabilities * 255).astype(np.uint8)
         target[((z,) if source.ndim == 3 else ()) + (out_rows, out_cols)] = probabilities
-    (Path(job.target) / DONE / ".".join(map(str, block_id))).touch()
+    (Path(job.target) / DONE / _marker(block_id)).touch()
     return np.ones((1, 1, 1), dtype=bool)
 
 
@@ -203,14 +208,15 @@ def _open_source(zarr, source) -> tuple[Path, object, dict | None]:
     return path / dataset, node[dataset], {"path": dataset, "attributes": multiscales}
 
 
-def _block_shape(block, shape: tuple, chunks: tuple, steps: tuple[int, int]) -> tuple[int, int, int]:
+def _block_shape(block, shape: tuple, chunks: tuple, steps: tuple[int, int], border: int) -> tuple[int, int, int]:
     """(slices, height, width) of an output block: ``block`` (one side, (height, width), or for a stack
-    (slices, height, width)), by default the input's chunk depth and, in the plane, the smallest
-    multiple of the tile step that covers the input's chunk side. In-plane sides must be multiples of
-    the step, so that a block holds whole tiles of ``predict``."""
+    (slices, height, width)). In-plane sides must be multiples of the tile step, so that a block holds
+    whole tiles of ``predict``. Default: the input's chunk depth, and in the plane the smallest multiple
+    of the step that is at least 2 (chunk side + 2 border). A block decodes every input chunk its
+    tiles' borders reach, about (side + 2 border + chunk side) / side of its own per axis: at most 1.5."""
     depth = chunks[0] if len(shape) == 3 else 1
     if block is None:
-        return (depth, *(-(-c // step) * step for c, step in zip(chunks[-2:], steps)))
+        return (depth, *(-(-2 * (c + 2 * border) // step) * step for c, step in zip(chunks[-2:], steps)))
     sides = (block, block) if isinstance(block, int) else tuple(block)
     sides = (depth, *sides) if len(sides) == 2 else sides
     if len(sides) != 3 or (len(shape) == 2 and sides[0] != 1) or not all(
@@ -289,6 +295,29 @@ def _client(distributed, scheduler: str | None, workers: int | None):
         yield client
 
 
+def _compute(job: _Job, grid: tuple, model: UNet | None, scheduler: str | None, workers: int | None,
+             progress: bool) -> None:
+    """Compute the blocks of ``grid`` not yet marked done, as a dask array of one element per block;
+    ``model`` (None: each worker loads the checkpoint) is sent once to each worker."""
+    _, dask_array, distributed = _require()
+    done = set(os.listdir(Path(job.target) / DONE))
+    with _client(distributed, scheduler, workers) as client, \
+            tqdm(total=int(np.prod(grid)), initial=len(done), unit="block", desc="predict_volume",
+                 disable=not progress) as bar:
+        sent = {"model": client.scatter(model, broadcast=True, hash=False)} if model is not None else {}
+        blocks = dask_array.map_blocks(_predict_block, chunks=tuple((1,) * n for n in grid), dtype=bool,
+                                       meta=np.empty((0, 0, 0), bool), job=job, **sent)
+        futures = client.compute([task for index, task in np.ndenumerate(blocks.to_delayed())
+                                  if _marker(index) not in done])
+        try:
+            for future in distributed.as_completed(futures):
+                future.result()
+                bar.update()
+        except BaseException:
+            client.cancel(futures)
+            raise
+
+
 def predict_volume(
     model: UNet | str | os.PathLike,
     source: str | os.PathLike,
@@ -341,7 +370,7 @@ def predict_volume(
         The output ``zarr.Array``, opened read-only. Each block's result
         equals ``predict`` on the whole array in memory, to float rounding.
     """
-    zarr, dask_array, distributed = _require()
+    zarr = _require()[0]
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     checkpoint = None
@@ -371,8 +400,9 @@ def predict_volume(
     tile = _tile_sides(model, tile, size, precision, memory_budget)
     period = 2**model.depth
     spans = tuple(_spans(n, t, period)[0] for n, t in zip(size, tile))
-    block = _block_shape(block, array.shape, array.chunks, tuple(t - t % period for t in tile))
-    per_block = (block[0], *(side // (t - t % period) for side, t in zip(block[1:], tile)))
+    steps = tuple(t - t % period for t in tile)  # consecutive tiles of predict step by this much
+    block = _block_shape(block, array.shape, array.chunks, steps, model.border)
+    per_block = (block[0], *(side // step for side, step in zip(block[1:], steps)))
     chunks = (1, *block[1:]) if array.ndim == 3 else block[1:]
     fingerprint = _fingerprint(model)
     settings = {"source": str(source_path), "model": fingerprint, "tile": list(tile), "block": list(block),
@@ -385,25 +415,9 @@ def predict_volume(
         done_dir.mkdir(exist_ok=True)
         grid = (-(-array.shape[0] // block[0]) if array.ndim == 3 else 1,
                 *(-(-len(s) // m) for s, m in zip(spans, per_block[1:])))
-        done = set(os.listdir(done_dir))
         job = _Job(str(source_path), str(path), checkpoint, fingerprint, spans, tile, per_block,
                    model.border, class_index, dtype, tta, precision, batch_size, memory_budget, device)
-        with _client(distributed, scheduler, workers) as client, \
-                tqdm(total=int(np.prod(grid)), initial=len(done), unit="block", desc="predict_volume",
-                     disable=not progress) as bar:
-            sent = {"model": client.scatter(model, broadcast=True, hash=False)} if checkpoint is None else {}
-            blocks = dask_array.map_blocks(_predict_block, chunks=tuple((1,) * n for n in grid), dtype=bool,
-                                           meta=np.empty((0, 0, 0), bool), job=job, **sent)
-            pending = [task for index, task in np.ndenumerate(blocks.to_delayed())
-                       if ".".join(map(str, index)) not in done]
-            futures = client.compute(pending)
-            try:
-                for future in distributed.as_completed(futures):
-                    future.result()
-                    bar.update()
-            except BaseException:
-                client.cancel(futures)
-                raise
+        _compute(job, grid, None if checkpoint else model, scheduler, workers, progress)
         output.attrs[RECORD] = {**output.attrs[RECORD], "complete": True}
     shutil.rmtree(done_dir, ignore_errors=True)
     return zarr.open_array(str(path), mode="r")

@@ -18,7 +18,7 @@ from distributed import LocalCluster
 from ronneberger2015.__main__ import main
 from ronneberger2015.network import UNet
 from ronneberger2015.tiling import predict
-from ronneberger2015.volume import DONE, RECORD, _reflect, names_zarr, predict_volume
+from ronneberger2015.volume import DONE, RECORD, _block_shape, _reflect, names_zarr, predict_volume
 
 NETWORK = {"in_channels": 1, "num_classes": 2, "base_channels": 2, "depth": 3, "dropout": 0.5, "variant": "paper"}
 
@@ -31,19 +31,15 @@ def watchdog():
     faulthandler.cancel_dump_traceback_later()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    """An in-process Dask cluster (one worker thread): the distributed scheduler, without process start-up."""
+    """An in-process Dask cluster: the distributed scheduler without process start-up; one worker thread
+    and one torch thread, on which the tiny networks here run fastest."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as local:
         yield local.scheduler_address
+    torch.set_num_threads(threads)
 
 
 def tiny(seed=0, model=UNet) -> UNet:
@@ -77,11 +73,19 @@ def test_reflect_is_numpys_reflect_padding():
         np.testing.assert_array_equal(_reflect(index, size), np.pad(np.arange(size), 13, mode="reflect"))
 
 
+def test_default_blocks():
+    """The input's chunk depth; in the plane, the first multiple of the step at least 2 (chunk + 2 border)."""
+    assert _block_shape(None, (30, 9000, 9000), (4, 1024, 1024), (512, 512), 92) == (4, 2560, 2560)
+    assert _block_shape(None, (500, 9000, 9000), (64, 64, 64), (992, 992), 92) == (64, 992, 992)
+    assert _block_shape(None, (9000, 9000), (500, 300), (384, 384), 92) == (1, 1536, 1152)
+
+
 @pytest.mark.parametrize("shape, dtype, chunks, tile, block", [
-    ((3, 157, 203), np.uint8, (2, 50, 70), 44, None),   # default blocks (2, 80, 80): 157 = 80 + 77
+    ((3, 157, 203), np.uint8, (2, 50, 70), 44, (2, 80, 80)),  # 157 = 80 + 77; 3 slices = 2 + 1
     ((83, 100), np.float32, (40, 40), 44, 40),          # the last tile starts in the block before its own (100),
                                                         # and writes past its block (83 = 2 * 40 + 3)
-    ((2, 9, 30), np.uint16, (1, 9, 30), None, None),    # smaller than the border: mirrored repeatedly
+    ((2, 9, 30), np.uint16, (1, 9, 30), None, None),    # smaller than the border: mirrored repeatedly;
+                                                        # default blocks
 ])
 @pytest.mark.parametrize("tta", [False, True])
 def test_equals_predict_in_memory(tmp_path, cluster, shape, dtype, chunks, tile, block, tta):
@@ -98,7 +102,7 @@ def test_uint8_output_and_membrane_class(tmp_path, cluster):
     source = volume(tmp_path / "in.zarr", data, (1, 32, 32))
     out = predict_volume(model, source, tmp_path / "out.zarr", dtype="uint8", class_index=0, tile=28,
                          scheduler=cluster)
-    assert out.dtype == np.uint8 and out.chunks == (1, 48, 48)  # one slice of a block: 32 up to 2 steps of 24
+    assert out.dtype == np.uint8
     expected = np.rint(predict(model, data, tile=28)[:, 0] * 255)
     assert np.abs(out[...] - expected).max() <= 1  # float rounding can flip a .5
 
@@ -152,10 +156,11 @@ def test_cli_two_worker_processes(tmp_path, checkpoint):
     data = random_volume((2, 75, 90))
     source = volume(tmp_path / "in.zarr", data, (1, 40, 40))
     result = run_cli(str(source), "-o", str(tmp_path / "out.zarr"), "--checkpoint", str(checkpoint),
-                     "--workers", "2", "--device", "cpu", "--tile", "36", "--tta")
+                     "--workers", "2", "--device", "cpu", "--tile", "36", "--block", "64", "--tta")
     assert result.returncode == 0, result.stderr
     assert "8/8" in result.stderr  # the progress bar counts blocks: 2 slices x 2 x 2
     out = zarr.open_array(str(tmp_path / "out.zarr"), mode="r")
+    assert out.chunks == (1, 64, 64)  # one slice of a block
     model = tiny(seed=3)
     np.testing.assert_allclose(out[...], predict(model, data, tile=36, tta=True)[:, 1], atol=1e-5)
 
