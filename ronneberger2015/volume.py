@@ -39,7 +39,7 @@ from .io import image_to_float
 from .network import UNet
 from .tiling import BYTES, DEFAULT_MEMORY_BUDGET, _predict_spans, _spans, _tile_sides, load_model
 
-__all__ = ["predict_volume", "cli", "names_zarr", "DTYPES"]
+__all__ = ["predict_volume", "local_cluster", "cli", "names_zarr", "DTYPES"]
 
 EXTRA = "pip install 'ronneberger2015[volume]'"
 DTYPES = ("float32", "uint8")
@@ -266,13 +266,8 @@ def _open_target(zarr, target: Path, path: Path, source, ome: dict | None, chunk
     return zarr.open_array(str(path), mode="r+")
 
 
-def _local_workers(workers: int | None, scheduler: str | None, device: str | None) -> int | None:
-    """The LocalCluster's worker processes (None for the cluster at ``scheduler``): ``workers``, or
-    one per GPU, else one per 4 CPU cores."""
-    if scheduler is not None:
-        if workers is not None:
-            raise ValueError(f"workers applies to the local cluster; the cluster at {scheduler} has its own")
-        return None
+def _local_workers(workers: int | None, device: str | None) -> int:
+    """``workers``, or one per GPU (unless ``device`` is the CPU), else one per 4 CPU cores."""
     gpus = torch.cuda.device_count() if device is None or torch.device(device).type == "cuda" else 0
     workers = (gpus or max(1, (os.cpu_count() or 1) // 4)) if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -281,27 +276,45 @@ def _local_workers(workers: int | None, scheduler: str | None, device: str | Non
 
 
 @contextlib.contextmanager
-def _client(distributed, scheduler: str | None, workers: int | None):
-    """A Dask client of the cluster at ``scheduler``, or of a LocalCluster of ``workers`` processes of one
-    thread each, which share the CPU cores for torch."""
-    if scheduler is not None:
-        with distributed.Client(scheduler) as client:
-            yield client
-        return
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None,
-                                  env={"OMP_NUM_THREADS": str(threads)}) as cluster, \
-            distributed.Client(cluster) as client:
-        yield client
+def local_cluster(workers: int | None = None, *, device: str | None = None, **options):
+    """The Dask ``LocalCluster`` ``predict_volume`` starts: ``workers`` processes (default one per GPU,
+    else one per 4 CPU cores) of one thread, each with an equal share of the cores for torch.
+    ``options`` go to ``LocalCluster`` (e.g. ``memory_limit``). Give ``cluster.scheduler_address`` as
+    ``scheduler`` to predict several volumes on the same workers.
+
+    Dask's nannies set ``MALLOC_TRIM_THRESHOLD_`` in their workers, which fixes glibc's mmap threshold:
+    each large buffer of a forward pass is then mapped and faulted in anew (1.4x slower on the CPU,
+    docs/performance.md). These workers keep glibc's default.
+    """
+    distributed = _require()[2]
+    import dask
+
+    workers = _local_workers(workers, device)
+    environ = {key: value for key, value in dask.config.get("distributed.nanny.pre-spawn-environ").items()
+               if key != "MALLOC_TRIM_THRESHOLD_"}
+    environ["OMP_NUM_THREADS"] = max(1, (os.cpu_count() or 1) // workers)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), \
+            distributed.LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None,
+                                     **options) as cluster:
+        yield cluster
+
+
+@contextlib.contextmanager
+def _client(scheduler: str | None, workers: int | None, device: str | None):
+    """A Dask client of the cluster at ``scheduler``, or of a ``local_cluster`` for the time it is open."""
+    distributed = _require()[2]
+    with contextlib.ExitStack() as stack:
+        cluster = scheduler if scheduler is not None else stack.enter_context(local_cluster(workers, device=device))
+        yield stack.enter_context(distributed.Client(cluster))
 
 
 def _compute(job: _Job, grid: tuple, model: UNet | None, scheduler: str | None, workers: int | None,
-             progress: bool) -> None:
+             device: str | None, progress: bool) -> None:
     """Compute the blocks of ``grid`` not yet marked done, as a dask array of one element per block;
     ``model`` (None: each worker loads the checkpoint) is sent once to each worker."""
     _, dask_array, distributed = _require()
     done = set(os.listdir(Path(job.target) / DONE))
-    with _client(distributed, scheduler, workers) as client, \
+    with _client(scheduler, workers, device) as client, \
             tqdm(total=int(np.prod(grid)), initial=len(done), unit="block", desc="predict_volume",
                  disable=not progress) as bar:
         sent = {"model": client.scatter(model, broadcast=True, hash=False)} if model is not None else {}
@@ -387,7 +400,10 @@ def predict_volume(
         from .train import resolve_device
 
         resolve_device(device)  # a cluster elsewhere checks it on its workers
-    workers = _local_workers(workers, scheduler, device)
+    if scheduler is not None and workers is not None:
+        raise ValueError(f"workers applies to the local cluster; the cluster at {scheduler} has its own")
+    if scheduler is None:
+        _local_workers(workers, device)  # checked before anything is written
     source_root = Path(source).resolve()
     source_path, array, ome = _open_source(zarr, source)
     target = Path(target).resolve()
@@ -417,7 +433,7 @@ def predict_volume(
                 *(-(-len(s) // m) for s, m in zip(spans, per_block[1:])))
         job = _Job(str(source_path), str(path), checkpoint, fingerprint, spans, tile, per_block,
                    model.border, class_index, dtype, tta, precision, batch_size, memory_budget, device)
-        _compute(job, grid, None if checkpoint else model, scheduler, workers, progress)
+        _compute(job, grid, None if checkpoint else model, scheduler, workers, device, progress)
         output.attrs[RECORD] = {**output.attrs[RECORD], "complete": True}
     shutil.rmtree(done_dir, ignore_errors=True)
     return zarr.open_array(str(path), mode="r")
