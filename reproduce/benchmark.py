@@ -389,17 +389,19 @@ def bench_train(args: argparse.Namespace) -> None:
 
 
 def _peak_rss() -> int:
-    """Bytes: the largest resident set this process has had (Linux reports KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Bytes: the largest resident set of this process's memory image (Linux's ``VmHWM``; unlike
+    ``ru_maxrss`` it does not carry over the parent's from before ``exec``)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 
 
 def bench_volume(args: argparse.Namespace) -> None:
     """Fig. 2 on volumes larger than memory: ``predict_volume`` of synthetic uint8 Zarr volumes on disk
-    to float32 Zarr, on LocalClusters whose workers (one torch thread each) may use ``WORKER_MEMORY``;
-    the peak resident memory of each worker, and the throughput against ``predict`` in memory on two
-    slices (one torch thread), whose result the volume's first two slices must equal."""
+    to float32 Zarr, on ``volume.local_cluster``s as ``predict_volume`` starts them, their workers limited
+    to ``worker_memory`` and one torch thread; the peak resident memory of each worker, and the throughput
+    per worker against ``predict`` in memory on two slices, one torch thread, whose result the volume's
+    first two slices must equal. One more run on a plain ``LocalCluster``, whose nannies set
+    ``MALLOC_TRIM_THRESHOLD_`` as Dask does by default, measures what ``local_cluster`` avoids."""
     import importlib
     import tempfile
 
@@ -410,53 +412,62 @@ def bench_volume(args: argparse.Namespace) -> None:
 
     from ronneberger2015.network import UNet
     from ronneberger2015.tiling import predict
-    from ronneberger2015.volume import predict_volume
+    from ronneberger2015.volume import local_cluster, predict_volume
 
     worker_memory = 2**30
     side, tile, chunks = (1000, 260, (2, 128, 128)) if args.quick else (4096, 516, (4, 512, 512))
-    runs = [(4, 1)] if args.quick else [(16, 1), (64, 2)]  # (slices, workers)
+    # (slices, workers, with Dask's default MALLOC_TRIM_THRESHOLD_)
+    runs = [(4, 1, False)] if args.quick else [(16, 1, False), (16, 1, True), (64, 2, False)]
     torch.manual_seed(0)
     model = UNet(base_channels=2).eval()
     print(f"predict_volume: UNet(base_channels=2), tile {tile}, synthetic uint8 volumes of {side}x{side} slices "
-          f"in chunks {chunks}, float32 output; LocalCluster workers of one thread and one torch thread, "
+          f"in chunks {chunks}, float32 output; local clusters, workers of one thread and one torch thread, "
           f"memory limit {worker_memory / 2**30:.0f} GiB each, warmed up (package imported) before timing")
-    print(f"{'volume':>14} {'in+out GiB':>10} {'blocks':>14} {'workers':>7} {'seconds':>8} {'Mpx/s':>7} "
-          f"{'per worker':>10} {'peak RSS per worker':>20}")
+    print(f"{'volume':>14} {'in+out GiB':>10} {'blocks':>14} {'workers':>7} {'malloc trim':>11} {'seconds':>8} "
+          f"{'Mpx/s':>7} {'per worker':>10} {'peak RSS per worker':>20}")
     with tempfile.TemporaryDirectory(prefix="volume-benchmark-") as scratch:
-        per_worker = {}
-        for slices, workers in runs:
+        for slices in sorted({slices for slices, *_ in runs}):
             source = zarr.create_array(f"{scratch}/in{slices}.zarr", shape=(slices, side, side), chunks=chunks,
                                        dtype=np.uint8)
             rng = np.random.default_rng(0)  # every volume begins with the same slices
             for z in range(0, slices, chunks[0]):  # a row of chunks at a time: never all in memory
                 source[z : z + chunks[0]] = rng.integers(0, 256, (chunks[0], side, side), dtype=np.uint8)
-            with LocalCluster(n_workers=workers, threads_per_worker=1, memory_limit=worker_memory,
-                              dashboard_address=None, env={"OMP_NUM_THREADS": "1"}) as cluster, \
-                    cluster.get_client() as client:
+        stack = zarr.open_array(f"{scratch}/in{runs[0][0]}.zarr", mode="r")[:2]
+
+        def baseline() -> tuple[float, np.ndarray]:
+            """Mpx/s of predict in memory on the first two slices, one torch thread, and its result (timed
+            before and after the volumes: the machine's load moves it)."""
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            start = time.perf_counter()
+            result = predict(model, stack, tile=tile)[:, 1]
+            seconds = time.perf_counter() - start
+            torch.set_num_threads(threads)
+            return stack.size / seconds / 1e6, result
+
+        (before, expected), rates = baseline(), []
+        for index, (slices, workers, trim) in enumerate(runs):
+            options = {"memory_limit": worker_memory, "env": {"OMP_NUM_THREADS": "1"}}
+            with (LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None, **options) if trim
+                  else local_cluster(workers, device="cpu", **options)) as cluster, cluster.get_client() as client:
                 client.run(importlib.import_module, "ronneberger2015.volume")
                 start = time.perf_counter()
-                out = predict_volume(model, f"{scratch}/in{slices}.zarr", f"{scratch}/out{slices}.zarr", tile=tile,
+                out = predict_volume(model, f"{scratch}/in{slices}.zarr", f"{scratch}/out{index}.zarr", tile=tile,
                                      scheduler=cluster.scheduler_address)
                 seconds = time.perf_counter() - start
                 peaks = sorted(client.run(_peak_rss).values())
-            rate = slices * side * side / seconds / 1e6
-            per_worker[slices] = rate / workers
+            rates.append(slices * side * side / seconds / 1e6 / workers)
             block = "x".join(map(str, out.attrs["ronneberger2015"]["block"]))
             print(f"{f'{slices}x{side}x{side}':>14} {slices * side * side * (1 + 4) / 2**30:>10.2f} {block:>14} "
-                  f"{workers:>7} {seconds:>8.1f} {rate:>7.2f} {rate / workers:>10.2f} "
+                  f"{workers:>7} {'65536' if trim else 'default':>11} {seconds:>8.1f} {rates[-1] * workers:>7.2f} "
+                  f"{rates[-1]:>10.2f} "
                   f"{', '.join(f'{p / 2**20:.0f} MiB' for p in peaks):>20}")
-        client_peak = _peak_rss()
-        torch.set_num_threads(1)
-        stack = zarr.open_array(f"{scratch}/in{runs[0][0]}.zarr", mode="r")[:2]
-        start = time.perf_counter()
-        expected = predict(model, stack, tile=tile)[:, 1]
-        seconds = time.perf_counter() - start
-        rate = stack.size / seconds / 1e6
-        print(f"baseline: predict in memory on 2 slices, one torch thread: {seconds:.1f} s, {rate:.2f} Mpx/s; "
-              f"predict_volume per worker: {', '.join(f'{r / rate:.2f}x' for r in per_worker.values())} of it")
-        first = zarr.open_array(f"{scratch}/out{runs[0][0]}.zarr", mode="r")[:2]
-        print(f"this process (the client) peak RSS before the baseline: {client_peak / 2**20:.0f} MiB; "
-              f"max |predict_volume - predict| on those 2 slices: {np.abs(first - expected).max():.2g}")
+        after, _ = baseline()
+        print(f"baseline: predict in memory on 2 slices, one torch thread: {before:.2f} Mpx/s before the volumes, "
+              f"{after:.2f} after; predict_volume per worker: "
+              f"{', '.join(f'{r / ((before + after) / 2):.2f}x' for r in rates)} of their mean")
+        first = zarr.open_array(f"{scratch}/out0.zarr", mode="r")[:2]
+        print(f"max |predict_volume - predict| on those 2 slices: {np.abs(first - expected).max():.2g}")
 
 
 BENCHMARKS = {
