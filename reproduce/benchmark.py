@@ -1,4 +1,4 @@
-"""``python -m reproduce.benchmark {weightmap,augment,predict,metrics,train,threads}``
+"""``python -m reproduce.benchmark {weightmap,augment,predict,metrics,train,threads,volume}``
 
 Each benchmark times our code against a plain baseline run in the same
 process and prints the ratio; figures recorded in docs/performance.md come
@@ -435,6 +435,88 @@ def bench_train(args: argparse.Namespace) -> None:
             print(f"{f'{engine_name}, {precision}':<24} {relative(logits, exact[0]):>9.2e} {relative(gradients, exact[1]):>10.2e}")
 
 
+def _peak_rss() -> int:
+    """Bytes: the largest resident set of this process's memory image (Linux's ``VmHWM``; unlike
+    ``ru_maxrss`` it does not carry over the parent's from before ``exec``)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+
+def bench_volume(args: argparse.Namespace) -> None:
+    """Fig. 2 on volumes larger than memory: ``predict_volume`` of synthetic uint8 Zarr volumes on disk
+    to float32 Zarr, on ``volume.local_cluster``s as ``predict_volume`` starts them, their workers limited
+    to ``worker_memory`` and one torch thread; the peak resident memory of each worker, and the throughput
+    per worker against ``predict`` in memory on two slices, one torch thread, whose result the volume's
+    first two slices must equal. One more run on a plain ``LocalCluster``, whose nannies set
+    ``MALLOC_TRIM_THRESHOLD_`` as Dask does by default, measures what ``local_cluster`` avoids."""
+    import importlib
+    import tempfile
+
+    import numpy as np
+    import torch
+    import zarr
+    from distributed import LocalCluster
+
+    from ronneberger2015.network import UNet
+    from ronneberger2015.tiling import predict
+    from ronneberger2015.volume import local_cluster, predict_volume
+
+    worker_memory = 2**30
+    side, tile, chunks = (1000, 260, (2, 128, 128)) if args.quick else (4096, 516, (4, 512, 512))
+    # (slices, workers, with Dask's default MALLOC_TRIM_THRESHOLD_)
+    runs = [(4, 1, False)] if args.quick else [(16, 1, False), (16, 1, True), (64, 2, False)]
+    torch.manual_seed(0)
+    model = UNet(base_channels=2).eval()
+    print(f"predict_volume: UNet(base_channels=2), tile {tile}, synthetic uint8 volumes of {side}x{side} slices "
+          f"in chunks {chunks}, float32 output; local clusters, workers of one thread and one torch thread, "
+          f"memory limit {worker_memory / 2**30:.0f} GiB each, warmed up (package imported) before timing")
+    print(f"{'volume':>14} {'in+out GiB':>10} {'blocks':>14} {'workers':>7} {'malloc trim':>11} {'seconds':>8} "
+          f"{'Mpx/s':>7} {'per worker':>10} {'peak RSS per worker':>20}")
+    with tempfile.TemporaryDirectory(prefix="volume-benchmark-") as scratch:
+        for slices in sorted({slices for slices, *_ in runs}):
+            source = zarr.create_array(f"{scratch}/in{slices}.zarr", shape=(slices, side, side), chunks=chunks,
+                                       dtype=np.uint8)
+            rng = np.random.default_rng(0)  # every volume begins with the same slices
+            for z in range(0, slices, chunks[0]):  # a row of chunks at a time: never all in memory
+                source[z : z + chunks[0]] = rng.integers(0, 256, (chunks[0], side, side), dtype=np.uint8)
+        stack = zarr.open_array(f"{scratch}/in{runs[0][0]}.zarr", mode="r")[:2]
+
+        def baseline() -> tuple[float, np.ndarray]:
+            """Mpx/s of predict in memory on the first two slices, one torch thread, and its result (timed
+            before and after the volumes: the machine's load moves it)."""
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            start = time.perf_counter()
+            result = predict(model, stack, output_tile=tile)[:, 1]
+            seconds = time.perf_counter() - start
+            torch.set_num_threads(threads)
+            return stack.size / seconds / 1e6, result
+
+        (before, expected), rates = baseline(), []
+        for index, (slices, workers, trim) in enumerate(runs):
+            options = {"memory_limit": worker_memory, "env": {"OMP_NUM_THREADS": "1"}}
+            with (LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None, **options) if trim
+                  else local_cluster(workers, device="cpu", **options)) as cluster, cluster.get_client() as client:
+                client.run(importlib.import_module, "ronneberger2015.volume")
+                start = time.perf_counter()
+                out = predict_volume(model, f"{scratch}/in{slices}.zarr", f"{scratch}/out{index}.zarr", output_tile=tile,
+                                     scheduler=cluster.scheduler_address)
+                seconds = time.perf_counter() - start
+                peaks = sorted(client.run(_peak_rss).values())
+            rates.append(slices * side * side / seconds / 1e6 / workers)
+            block = "x".join(map(str, out.attrs["ronneberger2015"]["block"]))
+            print(f"{f'{slices}x{side}x{side}':>14} {slices * side * side * (1 + 4) / 2**30:>10.2f} {block:>14} "
+                  f"{workers:>7} {'65536' if trim else 'default':>11} {seconds:>8.1f} {rates[-1] * workers:>7.2f} "
+                  f"{rates[-1]:>10.2f} "
+                  f"{', '.join(f'{p / 2**20:.0f} MiB' for p in peaks):>20}")
+        after, _ = baseline()
+        print(f"baseline: predict in memory on 2 slices, one torch thread: {before:.2f} Mpx/s before the volumes, "
+              f"{after:.2f} after; predict_volume per worker: "
+              f"{', '.join(f'{r / ((before + after) / 2):.2f}x' for r in rates)} of their mean")
+        first = zarr.open_array(f"{scratch}/out0.zarr", mode="r")[:2]
+        print(f"max |predict_volume - predict| on those 2 slices: {np.abs(first - expected).max():.2g}")
+
+
 BENCHMARKS = {
     "weightmap": bench_weightmap,
     "augment": bench_augment,
@@ -442,6 +524,7 @@ BENCHMARKS = {
     "metrics": bench_metrics,
     "train": bench_train,
     "threads": bench_threads,
+    "volume": bench_volume,
 }
 
 

@@ -8,6 +8,7 @@ Public API (each docstring names the paper's section it implements)::
     Augmenter                        elastic deformation, shift, rotation, gray values (Sec. 3.1)
     train, TrainConfig               SGD with momentum 0.99, batch 1 (Sec. 3)
     predict, load_model              overlap-tile prediction with mirroring (Fig. 2)
+    predict_volume                   the same, Zarr to Zarr with Dask, for volumes larger than memory
     label_cells                      probabilities to one id per cell
     metrics                          the ISBI 2012 challenge metrics (Sec. 4)
 """
@@ -18,8 +19,9 @@ from .network import UNet, input_size, output_size
 from .segmentation import label_cells
 from .tiling import load_model, predict
 from .training import TrainConfig, train
+from .volume import predict_volume  # zarr and dask are imported when it runs
 from .weightmap import weight_map
 
 __all__ = ["UNet", "output_size", "input_size", "weight_map", "weighted_cross_entropy", "Augmenter", "train",
-           "TrainConfig", "predict", "load_model", "label_cells", "metrics"]
+           "TrainConfig", "predict", "load_model", "predict_volume", "label_cells", "metrics"]
 __version__ = "0.2.0"

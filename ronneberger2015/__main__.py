@@ -10,7 +10,7 @@ import sys
 
 COMMANDS = {
     "weightmap": ("ronneberger2015.weightmap", "boundary weight map of label images (Eq. 2)"),
-    "predict": ("ronneberger2015.tiling", "overlap-tile prediction of an image or stack (Fig. 2)"),
+    "predict": ("ronneberger2015.tiling", "overlap-tile prediction of an image, a stack or a Zarr volume (Fig. 2)"),
     "train": ("ronneberger2015.training", "train the paper's recipe on your own images and labels"),
     "evaluate": ("ronneberger2015.metrics", "ISBI 2012 metrics of a probability map against labels"),
 }
@@ -20,7 +20,7 @@ def _run(command: str, argv: list[str]) -> int:
     module = importlib.import_module(COMMANDS[command][0])
     try:
         return module.cli(argv, prog=f"python -m ronneberger2015 {command}") or 0
-    except (ValueError, OSError, FloatingPointError) as error:
+    except (ValueError, OSError, FloatingPointError, ImportError) as error:  # ImportError: a missing optional extra
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -116,16 +116,9 @@ def _as_stack(image, in_channels: int) -> tuple[np.ndarray, bool]:
     return image_to_float(stack), single
 
 
-def _tiles(stack: np.ndarray, rows: list, cols: list, window: tuple[int, int], border: int,
-           overhang: tuple[int, int]) -> Iterator[tuple]:
-    """(z, row span, column span, input window) for every tile of every slice, slice by slice.
-
-    Each slice is mirrored once (numpy ``reflect``) by ``border`` on every
-    side, plus the last tiles' ``overhang`` at the bottom and right edges.
-    """
-    for z, image in enumerate(stack):
-        pad = ((0, 0), (border, border + overhang[0]), (border, border + overhang[1]))
-        canvas = np.pad(image, pad, mode="reflect")
+def _tiles(canvases: Iterable[np.ndarray], rows: list, cols: list, window: tuple[int, int]) -> Iterator[tuple]:
+    """(z, row span, column span, input window) for every tile of every mirrored (C, H, W) canvas, slice by slice."""
+    for z, canvas in enumerate(canvases):
         for row, col in itertools.product(rows, cols):
             yield z, row, col, canvas[:, row[0] : row[0] + window[0], col[0] : col[0] + window[1]]
 
@@ -268,33 +261,55 @@ def predict(
         warnings.warn("predict(tile=) is now predict(output_tile=): the side of the output tile", DeprecationWarning,
                       stacklevel=2)
         output_tile = tile if output_tile is None else output_tile
-    tile = output_tile
-    check_precision(precision)
     stack, single = _as_stack(image, model.in_channels)
+    tile = _tile_sides(model, output_tile, stack.shape[-2:], precision, memory_budget)
+    border = model.border
+    (rows, below), (cols, right) = (_spans(n, t, 2**model.depth) for n, t in zip(stack.shape[-2:], tile))
+    pad = ((0, 0), (border, border + below), (border, border + right))
+    canvases = (np.pad(image, pad, mode="reflect") for image in stack)
+    result = _predict_spans(model, canvases, len(stack), rows, cols, tile, batch_size=batch_size, device=device,
+                            tta=tta, precision=precision, memory_budget=memory_budget, progress=progress)
+    return result[0] if single else result
+
+
+def _tile_sides(model: UNet, tile, size: Sequence[int], precision: str, memory_budget: int) -> tuple[int, int]:
+    """The output tile (height, width) ``predict`` uses on an image of ``size``: ``tile``, or the largest
+    square whose forward pass fits ``memory_budget``; each side shrunk to the smallest valid one covering the image."""
+    check_precision(precision)
     depth, border = model.depth, model.border
-    pixel_bytes = ACTIVATION_MAPS * model.base_channels * BYTES[precision]
     if tile is None:
-        tile = _largest_tile(depth, border, pixel_bytes, memory_budget)
+        tile = _largest_tile(depth, border, ACTIVATION_MAPS * model.base_channels * BYTES[precision], memory_budget)
     sides = tuple(tile) if isinstance(tile, (tuple, list)) else (tile, tile)
     if len(sides) != 2:
         raise ValueError(f"tile must be one side or a (height, width) pair, got {tile!r}")
-    size = stack.shape[-2:]
-    tile = tuple(min(_output_tile(s, depth, border), _cover(n, depth)) for s, n in zip(sides, size))
-    window = tuple(t + 2 * border for t in tile)
-    (rows, below), (cols, right) = (_spans(n, t, 2**depth) for n, t in zip(size, tile))
+    return tuple(min(_output_tile(s, depth, border), _cover(n, depth)) for s, n in zip(sides, size))
+
+
+def _predict_spans(model: UNet, canvases: Iterable[np.ndarray], slices: int, rows: list, cols: list,
+                   tile: tuple[int, int], *, batch_size: int | None, device, tta: bool, precision: str,
+                   memory_budget: int, progress: bool) -> np.ndarray:
+    """Probabilities (slices, K, H, W) of the tiles ``rows`` x ``cols`` of mirrored (C, h, w) canvases.
+
+    A span (start, first, end) of ``_spans`` reads canvas rows (or columns)
+    [start, start + tile + 2 * border) and writes result rows [first, end); H
+    and W are the last spans' ends. ``predict`` passes each slice mirrored
+    whole; ``volume.predict_volume`` one block of slices with its border.
+    """
+    window = tuple(t + 2 * model.border for t in tile)
     weights = next(model.parameters(), None)
     device = torch.device(device if device is not None else weights.device if weights is not None else "cpu")
+    pixel_bytes = ACTIVATION_MAPS * model.base_channels * BYTES[precision]
     if batch_size is None:  # one tile keeps a CPU busy; larger CPU batches measured slower
         batch_size = 1 if device.type == "cpu" else max(1, memory_budget // (pixel_bytes * window[0] * window[1]))
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     transforms = DIHEDRAL if tta else DIHEDRAL[:1]
-    count = len(stack) * len(rows) * len(cols)
+    count = slices * len(rows) * len(cols)
     per_batch = min(max(1, batch_size // len(transforms)), max(count, 1))
 
     model.to(device, memory_format=torch.channels_last)
-    result = np.empty((len(stack), model.num_classes, *size), dtype=np.float32)
-    batches = _batched(_tiles(stack, rows, cols, window, border, (below, right)), per_batch)
+    result = np.empty((slices, model.num_classes, rows[-1][2], cols[-1][2]), dtype=np.float32)
+    batches = _batched(_tiles(canvases, rows, cols, window), per_batch)
     forward = functools.partial(_probabilities, model, transforms=transforms, chunk=batch_size,
                                 precision=precision)
     training = model.training
@@ -307,7 +322,7 @@ def predict(
     if not np.isfinite(result).all():
         raise FloatingPointError(f"the network's output is not finite at {np.count_nonzero(~np.isfinite(result))} "
                                  "of its values: its weights are broken (e.g. by a diverged training run)")
-    return result[0] if single else result
+    return result
 
 
 def load_model(checkpoint, device: str | torch.device | None = None) -> UNet:
@@ -333,13 +348,17 @@ def load_model(checkpoint, device: str | torch.device | None = None) -> UNet:
 
 def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
     """``python -m ronneberger2015 predict INPUT -o OUTPUT --checkpoint CKPT``."""
+    from . import volume
     from .commandline import add_threads, renamed, require, set_threads
+
     parser = argparse.ArgumentParser(prog=prog, description="Overlap-tile prediction (Fig. 2): cell-interior "
                                      "probabilities as float32 TIFF (the ISBI 2012 format), or with --threshold a "
-                                     "mask, or with --instances one id per cell.")
-    parser.add_argument("input", type=Path, help="an image or TIFF stack (TIFF, PNG, GIF), or a folder of images")
+                                     "mask, or with --instances one id per cell; a Zarr volume of any size with "
+                                     "the [volume] extra (docs/prediction.md).")
+    parser.add_argument("input", type=Path, help="an image or TIFF stack (TIFF, PNG, GIF), a folder of images, or a "
+                        "Zarr array (Y, X) or (Z, Y, X) or OME-Zarr image")
     parser.add_argument("-o", "--output", type=Path, help="output file for a file, output folder for a folder "
-                        "(one file per image, the same names; probabilities as NAME.tif)")
+                        "(one file per image, the same names; probabilities as NAME.tif), Zarr folder for a Zarr input")
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pt or best.pt of a training run")
     parser.add_argument("--tta", action="store_true", help="average over the 8 rotations and flips (Sec. 4)")
     parser.add_argument("--output-tile", type=int, metavar="SIDE",
@@ -359,10 +378,15 @@ def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
                         "components of P(cell) > T (T = --threshold, default 0.5)")
     parser.add_argument("--min-size", type=int, default=0, metavar="PIXELS",
                         help="with --instances: drop cells smaller than this (default 0)")
+    volume.add_options(parser)
     args = parser.parse_args(argv)
     require(parser, args, "output", "-o/--output")
     if args.instances and args.membrane:
         parser.error("--instances labels cells; it cannot go with --membrane")
+    if volume.is_zarr(args.input) or volume.is_zarr(args.output):  # a volume larger than memory, block by block
+        return volume.run(args)
+    if args.block or args.scheduler or args.workers or args.dtype != "float32":
+        raise ValueError("--dtype, --block, --scheduler and --workers are for Zarr volumes; the input is not one")
     set_threads(args.threads)
     images, sources = read_images(args.input)  # every input and output is checked before the network runs
     targets = output_files(args.input, sources, args.output, floats=args.threshold is None and not args.instances)

@@ -38,3 +38,11 @@ def test_predict_benchmark_memory_does_not_grow(capsys):
     assert len(re.findall(r"^predict\(tta=(True|False)\) +(fp32|bf16) ", out, re.M)) == 4
     inputs = re.findall(r"^ +\d+x\d+ +\S+ +(\(.*?\))", out, re.M)
     assert len(inputs) == 2 and inputs[0] == inputs[1]
+
+
+def test_volume_benchmark_equals_predict(capsys):
+    """The Zarr volume predicted on a LocalCluster equals predict in memory; each worker's peak RSS is printed."""
+    assert main(["volume", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^ +4x1000x1000 +\S+ +2x768x768 +1 +default +\S+ +\S+ +\S+ +\d+ MiB$", out, re.M)
+    assert float(re.search(r"max \|predict_volume - predict\| on those 2 slices: (\S+)$", out, re.M)[1]) < 1e-5
