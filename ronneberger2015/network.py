@@ -194,8 +194,14 @@ class UNet(nn.Module):
         self._register_load_state_dict_pre_hook(_earlier_names)
 
     def reset_parameters(self) -> None:
-        """He initialisation: weights ~ N(0, sqrt(2 / fan_in)), biases 0 (Sec. 3)."""
-        for module in self.modules():
+        """He initialisation: weights ~ N(0, sqrt(2 / fan_in)), biases 0 (Sec. 3).
+
+        Drawn contracting path first, then the up-convolutions, the expansive
+        path's convolutions and the head: the order of version 0.1, so that a
+        seed still gives the same network.
+        """
+        order = (self.down, *(block.upconv for block in self.up), *(block.convs for block in self.up), self.head)
+        for module in (module for part in order for module in part.modules()):
             if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
                 # torch's fan_in of a ConvTranspose2d weight (C_in, C_out, k, k) is C_out * k * k.
                 nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
