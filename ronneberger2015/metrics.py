@@ -519,14 +519,16 @@ def topology_errors(warped: np.ndarray, target: np.ndarray, radius: int | None =
     a merger joins two or more objects through p's 4-neighbours; a split cuts
     p's object into more objects, anywhere in the image.
 
-    Both use the Euler number, objects - holes = V - E + F (pixels, 4-adjacent
-    pairs, 2x2 squares; background 8-connected, outside background): removing
-    p changes the number of objects by n4 - q - k, with n4 object 4-neighbours,
-    q 2x2 squares of object pixels through p, and k distinct background
-    components among p's 8 neighbours. A cut of p's object is a split in every
-    window; where it is not, a split within the window needs p's object
-    neighbours to be disconnected within its 8 neighbours (``RING_PIECES``), and
-    only then is the window relabelled. Returns two boolean masks, (splits, mergers).
+    Whether removing p cuts its object anywhere in the image comes from the
+    Euler number, objects - holes = V - E + F (pixels, 4-adjacent pairs, 2x2
+    squares; background 8-connected, outside background): removing p changes
+    the number of objects by n4 - q - k, with n4 object 4-neighbours, q 2x2
+    squares of object pixels through p, and k distinct background components
+    among p's 8 neighbours. That is the global rule's split, and for the
+    challenge's rule a split in every window. Where p does not cut its object,
+    a window can only separate p's object neighbours if they are disconnected
+    among themselves (``RING_PIECES``); only then is the window relabelled.
+    Returns two boolean masks, (splits, mergers).
     """
     _check_radius(radius)
     warped, target = np.asarray(warped, bool), np.asarray(target, bool)

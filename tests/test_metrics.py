@@ -163,7 +163,7 @@ def test_simple_points_preserve_the_whole_image_topology():
             assert SIMPLE[code] == (_components(flipped) == before)
 
 
-def test_global_rule_against_relabelling():
+def test_split_and_merger_classification_against_relabelling():
     """``radius=None``: a split or merger changes the number of 4-connected objects of the whole image."""
     rng = np.random.default_rng(1)
     found = 0
@@ -449,7 +449,7 @@ def test_thinning_is_the_literal_flooding(isbi):
     assert dams > 500
 
 
-def test_thinning_hand_made_cases():
+def test_thinning_leaves_one_pixel_dams():
     mask = np.zeros((5, 9), bool)
     mask[:, :3] = mask[:, 6:] = True  # a border three pixels wide: its middle is reached from both sides at once
     segments = thin(mask)
