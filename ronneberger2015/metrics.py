@@ -274,19 +274,19 @@ FLOODING_ORDER = ((0, -1), (-1, 0), (0, 1), (1, 0))
 def thin(mask: np.ndarray) -> np.ndarray:
     """Segments of a binary proposal after border thinning (Arganda-Carreras et al. 2015).
 
-    The classic flooding watershed of Vincent & Soille (1991, Algorithm 4.1),
+    The classic flooding watershed of Vincent & Soille (1991, the immersion algorithm),
     4-connected, on the two-level image that is 0 on ``mask`` (cell interior)
     and 255 elsewhere (border). Level 0: each 4-connected component of the
     interior becomes a basin, numbered in column-major scan order. Level 255: the
     border pixels are flooded breadth-first from the basins. A pixel at
-    distance d from the interior is labelled when it is dequeued, from its
+    city-block distance d from the interior is labelled when it is dequeued, from its
     4-neighbours at distance d - 1 (for d = 1, the basins), inspected left, up,
     right, down: a basin label is taken if the pixel has none yet or is a dam; a
     second, different basin label makes it a dam (``WSHED``); a dam neighbour
     makes a still unlabelled pixel a dam, so dams propagate away from the
     interior. The label then depends on the previous distance layer only, so the
     layers are labelled here one at a time with array operations; the result is
-    that of the queue in the paper's scan order (the tests compare it with the
+    that of the queue with its column-major scan (the tests compare it with the
     literal queue). Without interior pixels the whole image is one new minimum:
     one segment. Returns the labels; dams are 0 (singletons for the scores).
     """
@@ -629,7 +629,8 @@ def evaluate(proposal, truth, *, radius: int | None = 20, details: bool = False)
     with the thinning shared by V_rand and V_info.
     """
     proposal, inside = _prepare(proposal, truth)
-    tables = dict(warping_error=_warping(proposal, inside, radius, None), rand_error=_rand(proposal, inside), pixel_error=_pixel(proposal, inside))
+    tables = dict(warping_error=_warping(proposal, inside, radius, None), rand_error=_rand(proposal, inside),
+                  pixel_error=_pixel(proposal, inside))
     tables.update(zip(("vrand", "vinfo"), _thinned(proposal, inside)))
     return {name: _report(tables[name], details) for name in METRICS}
 

@@ -377,8 +377,8 @@ def test_challenge_oracle_isbi_constant_map(isbi):
 
 
 def _vincent_soille(image):
-    """Vincent & Soille (1991), Algorithm 4.1, line by line: 4-connected, pixels scanned in
-    column-major order, neighbours inspected left, up, right, down; WSHED = 0."""
+    """Vincent & Soille (1991), the immersion algorithm's pseudo-code line by line: 4-connected,
+    pixels scanned in column-major order, neighbours inspected left, up, right, down; WSHED = 0."""
     init, mask, wshed, fictitious = -1, -2, 0, None
     height, width = image.shape
     scan = [(y, x) for x in range(width) for y in range(height)]
