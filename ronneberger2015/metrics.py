@@ -33,13 +33,13 @@ from typing import Callable
 
 import numpy as np
 from scipy import ndimage
-from skimage.segmentation import watershed
 
 from .io import read_images
 
 __all__ = [
     "Details",
     "SIMPLE",
+    "RING_PIECES",
     "SWEEP",
     "WARPING_SWEEP",
     "thresholds",
@@ -193,9 +193,14 @@ def _micro_error(sweep: np.ndarray, table: np.ndarray) -> Details:
 
 
 def _macro_score(sweep: np.ndarray, per_slice: np.ndarray, counts: dict) -> Details:
-    """The per-slice scores averaged over slices, at each threshold; the maximum is reported."""
+    """The per-slice scores averaged over slices, at each threshold; the maximum is reported.
+
+    A threshold whose mean is NaN (a NaN slice) is skipped, as by the challenge's
+    ``>`` comparison; if every threshold is NaN, the value is NaN.
+    """
     values = per_slice.mean(axis=1)
-    return Details(sweep, values, per_slice, counts, int(np.argmax(values)))
+    best = 0 if np.isnan(values).all() else int(np.nanargmax(values))
+    return Details(sweep, values, per_slice, counts, best)
 
 
 def _overlap(objects: np.ndarray, segments: np.ndarray):
@@ -247,30 +252,69 @@ def _information(joint, truth_sizes, test_sizes, singletons) -> tuple[float, flo
 
 
 def _information_f(h_a: np.ndarray, h_b: np.ndarray, info: np.ndarray) -> np.ndarray:
-    """F = 2PR / (P + R) with P = I / H(A), R = I / H(B), i.e. 2I / (H(A) + H(B)).
+    """F = 2PR / (P + R) with P = I / H(A), R = I / H(B), elementwise, with the challenge's conventions.
 
-    As in the challenge, P = 0 where H(A) = 0 and R = 0 where H(B) = 0, so F = 0
-    where exactly one side is a single segment; where both are, the two
-    partitions are identical and F = 1.
+    H(A) = 0 sets P = 0, R = 1; then H(B) = 0 sets P = 1, R = 0. So F = 0
+    wherever either side is a single segment, both sides included. P + R = 0
+    gives NaN, which ``_macro_score`` skips.
     """
-    both = (h_a > 0) & (h_b > 0)
-    f = np.divide(2 * info, h_a + h_b, out=np.zeros_like(info), where=both)
-    f[(h_a == 0) & (h_b == 0)] = 1.0
-    return f
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision, recall = info / h_a, info / h_b
+        precision, recall = np.where(h_a == 0, 0.0, precision), np.where(h_a == 0, 1.0, recall)
+        precision, recall = np.where(h_b == 0, 1.0, precision), np.where(h_b == 0, 0.0, recall)
+        return 2 * precision * recall / (precision + recall)
 
 
 def _segments(mask: np.ndarray) -> np.ndarray:
     return ndimage.label(mask, FOUR)[0]
 
 
+WSHED, MASK = 0, -1  # thinning labels: a dam, and a border pixel not yet flooded
+# The 4-neighbours in the order the flooding inspects them, as (dy, dx): left, up, right, down.
+FLOODING_ORDER = ((0, -1), (-1, 0), (0, 1), (1, 0))
+
+
 def thin(mask: np.ndarray) -> np.ndarray:
     """Segments of a binary proposal after border thinning (Arganda-Carreras et al. 2015).
 
-    The 4-connected components of ``mask`` are the basins; a 4-connected
-    watershed floods the borders (``~mask``) from them and leaves one-pixel dams,
-    labelled 0. Without a basin every pixel is 0.
+    The classic flooding watershed of Vincent & Soille (1991, the immersion algorithm),
+    4-connected, on the two-level image that is 0 on ``mask`` (cell interior)
+    and 255 elsewhere (border). Level 0: each 4-connected component of the
+    interior becomes a basin, numbered in column-major scan order. Level 255: the
+    border pixels are flooded breadth-first from the basins. A pixel at
+    city-block distance d from the interior is labelled when it is dequeued, from its
+    4-neighbours at distance d - 1 (for d = 1, the basins), inspected left, up,
+    right, down: a basin label is taken if the pixel has none yet or is a dam; a
+    second, different basin label makes it a dam (``WSHED``); a dam neighbour
+    makes a still unlabelled pixel a dam, so dams propagate away from the
+    interior. The label then depends on the previous distance layer only, so the
+    layers are labelled here one at a time with array operations; the result is
+    that of the queue with its column-major scan (the tests compare it with the
+    literal queue). Without interior pixels the whole image is one new minimum:
+    one segment. Returns the labels; dams are 0 (singletons for the scores).
     """
-    return watershed(np.logical_not(mask).astype(np.uint8), _segments(mask), connectivity=1, watershed_line=True)
+    mask = np.asarray(mask, bool)
+    basins = ndimage.label(mask.T, FOUR)[0].T  # numbered in column-major scan order
+    if not mask.any():
+        return np.ones(mask.shape, basins.dtype)
+    height, width = mask.shape
+    distance = np.pad(ndimage.distance_transform_cdt(~mask, metric="taxicab"), 1, constant_values=-1).ravel()
+    labels = np.pad(np.where(mask, basins, MASK), 1, constant_values=MASK).ravel()
+    steps = [dy * (width + 2) + dx for dy, dx in FLOODING_ORDER]
+    order = np.argsort(distance, kind="stable")
+    layers = np.split(order, np.searchsorted(distance[order], np.arange(1, distance.max() + 1)))
+    for d, layer in enumerate(layers[1:], start=1):
+        current = np.full(layer.size, MASK, labels.dtype)
+        for step in steps:
+            neighbour = labels[layer + step]
+            earlier = distance[layer + step] == d - 1  # the frame (-1) is never earlier
+            basin = earlier & (neighbour > 0)
+            take = basin & ((current == MASK) | (current == WSHED))
+            clash = basin & (current > 0) & (current != neighbour)
+            current[take] = neighbour[take]
+            current[clash | (earlier & (neighbour == WSHED) & (current == MASK))] = WSHED
+        labels[layer] = current
+    return labels.reshape(height + 2, width + 2)[1:-1, 1:-1]
 
 
 def _pixel(proposal, inside) -> Details:
@@ -364,6 +408,14 @@ def _neighbour_codes(mask: np.ndarray) -> np.ndarray:
     return code
 
 
+def _ring(code: int) -> np.ndarray:
+    """The 3x3 neighbourhood described by a neighbourhood code, its centre off."""
+    ring = np.zeros((3, 3), bool)
+    for k, (dy, dx) in enumerate(NEIGHBOURS):
+        ring[1 + dy, 1 + dx] = code >> k & 1
+    return ring
+
+
 def _is_simple(code: int) -> bool:
     """The simple-point test for 4-connected objects and 8-connected background.
 
@@ -373,9 +425,7 @@ def _is_simple(code: int) -> bool:
     and T8, the number of 8-connected components of the background there. The
     test does not depend on p's own value.
     """
-    ring = np.zeros((3, 3), bool)
-    for k, (dy, dx) in enumerate(NEIGHBOURS):
-        ring[1 + dy, 1 + dx] = code >> k & 1
+    ring = _ring(code)
     objects = ndimage.label(ring, FOUR)[0]
     t4 = len({objects[1 + NEIGHBOURS[k][0], 1 + NEIGHBOURS[k][1]] for k in FOUR_NEIGHBOURS} - {0})
     background = ~ring
@@ -387,12 +437,16 @@ def _is_simple(code: int) -> bool:
 SIMPLE = np.array([_is_simple(code) for code in range(256)])
 """``SIMPLE[code]``: is a pixel with that neighbourhood code (bit k = ``NEIGHBOURS[k]``) simple."""
 
+RING_PIECES = np.array([ndimage.label(_ring(code), FOUR)[1] for code in range(256)])
+"""``RING_PIECES[code]``: the 4-connected object components among the 8 neighbours alone."""
+
 
 def warp(image: np.ndarray, target: np.ndarray, priority: np.ndarray) -> np.ndarray:
     """Warp a binary image towards ``target`` by flipping simple points only (Jain et al. 2010).
 
     The pixels where ``image`` and ``target`` differ are visited in order of
-    decreasing ``priority`` (ties in raster order); each one that is simple in
+    decreasing ``priority``, a stable sort whose ties keep column-major order
+    (x outer, y inner), as the challenge lists them; each one that is simple in
     the current image at its visit is flipped to agree with ``target``. The
     passes repeat over the pixels still differing until one pass flips none.
     Simplicity is that of ``SIMPLE``; outside the image is background that never
@@ -405,7 +459,8 @@ def warp(image: np.ndarray, target: np.ndarray, priority: np.ndarray) -> np.ndar
     steps = [dy * (width + 2) + dx for dy, dx in NEIGHBOURS]
     # when pixel i flips, its neighbour i + steps[k] sees it as neighbour 7 - k
     updates = [(step, 1 << (7 - k)) for k, step in enumerate(steps)]
-    differ = np.flatnonzero(padded != np.pad(target, 1))
+    columns = np.flatnonzero((padded != np.pad(target, 1)).T)  # column-major: x outer, y inner
+    differ = columns % (height + 2) * (width + 2) + columns // (height + 2)
     keys = np.pad(priority, 1).ravel()[differ]
     pending = differ[np.argsort(-keys, kind="stable")].tolist()
     simple = SIMPLE.tolist()
@@ -426,44 +481,87 @@ def warp(image: np.ndarray, target: np.ndarray, priority: np.ndarray) -> np.ndar
 
 
 def _distinct_labels(labels: np.ndarray) -> np.ndarray:
-    """Per row of ``labels``, the number of distinct nonzero values."""
-    ordered = np.sort(labels, axis=1)
+    """Per row of ``labels``, the number of distinct positive values."""
+    ordered = np.sort(np.maximum(labels, 0), axis=1)
     return 1 + np.count_nonzero(np.diff(ordered, axis=1), axis=1) - (ordered[:, 0] == 0)
 
 
-def topology_errors(warped: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _check_radius(radius) -> None:
+    if radius is not None and not (isinstance(radius, (int, np.integer)) and (radius >= 1 or radius == -1)):
+        raise ValueError(f"radius {radius!r}: pass a whole number >= 1 (the challenge: 20), -1 for the whole image, "
+                         "or None for the global topological rule")
+
+
+def _split_in_window(warped: np.ndarray, y: int, x: int, radius: int) -> bool:
+    """Removing (y, x) from ``warped`` inside the (2r + 1)^2 window centred on it, do its
+    8 neighbours fall into two or more 4-connected objects of that window?"""
+    top, left = max(y - radius, 0), max(x - radius, 0)
+    window = warped[top : y + radius + 1, left : x + radius + 1].copy()
+    window[y - top, x - left] = False
+    labels = ndimage.label(window, FOUR)[0]
+    near = labels[max(y - top - 1, 0) : y - top + 2, max(x - left - 1, 0) : x - left + 2]
+    return np.unique(near[near > 0]).size >= 2
+
+
+def topology_errors(warped: np.ndarray, target: np.ndarray, radius: int | None = 20) -> tuple[np.ndarray, np.ndarray]:
     """The split and merger pixels among the pixels where ``warped`` and ``target`` differ.
 
-    Each such pixel p is judged alone against ``warped`` (W; objects 4-connected,
-    background 8-connected, outside background):
+    Each such pixel p is judged alone against ``warped`` (W), whose objects are
+    its 4-connected components. The challenge's rule (``radius`` r >= 1, or -1
+    for the whole image) looks at U, the distinct labels of W (0 = background)
+    among p's 8 neighbours inside the image; neighbours outside are ignored:
 
-    * merger: p is object in ``target`` only, and adding p to W joins two or more
-      of W's objects, i.e. p's 4-neighbours hold two or more distinct objects;
-    * split: p is object in W only, and removing p from W cuts its object into
-      more objects. The change in the number of objects is n4 - q - k: n4 object
-      4-neighbours, q 2x2 squares of object pixels through p, k distinct
-      background components among p's 8-neighbours. (The Euler number
-      V - E + F = objects - holes changes by n4 - q - 1 and the holes by 1 - k.)
+    * two or more objects in U: a split if p is in W, a merger if not;
+    * one object and 0, p in W: a split if, with p removed inside the
+      (2r + 1) x (2r + 1) window centred on p (outside the image is
+      background), p's neighbours fall into two or more 4-connected objects of
+      the window; else a hole deletion;
+    * anything else adds or deletes an object or a hole and is not counted.
 
-    The other differing pixels add or delete an object or a hole and are not
-    counted. Returns two boolean masks, (splits, mergers).
+    ``radius=None`` is the global topological rule instead, not the challenge's:
+    a merger joins two or more objects through p's 4-neighbours; a split cuts
+    p's object into more objects, anywhere in the image.
+
+    Whether removing p cuts its object anywhere in the image comes from the
+    Euler number, objects - holes = V - E + F (pixels, 4-adjacent pairs, 2x2
+    squares; background 8-connected, outside background): removing p changes
+    the number of objects by n4 - q - k, with n4 object 4-neighbours, q 2x2
+    squares of object pixels through p, and k distinct background components
+    among p's 8 neighbours. That is the global rule's split, and for the
+    challenge's rule a split in every window. Where p does not cut its object,
+    a window can only separate p's object neighbours if they are disconnected
+    among themselves (``RING_PIECES``); only then is the window relabelled.
+    Returns two boolean masks, (splits, mergers).
     """
+    _check_radius(radius)
     warped, target = np.asarray(warped, bool), np.asarray(target, bool)
     w = np.pad(warped, 1)
-    objects = ndimage.label(w, FOUR)[0]
-    background = ndimage.label(~w, EIGHT)[0]
     ys, xs = np.nonzero(w != np.pad(target, 1))
 
     def around(array, offsets):
         return np.stack([array[ys + dy, xs + dx] for dy, dx in offsets], axis=1)
 
     added = ~w[ys, xs]
-    mergers = added & (_distinct_labels(around(objects, [NEIGHBOURS[k] for k in FOUR_NEIGHBOURS])) >= 2)
     ring = around(w, NEIGHBOURS)  # 0 1 2 / 3 . 4 / 5 6 7
     n4 = ring[:, FOUR_NEIGHBOURS].sum(axis=1)
     squares = sum(ring[:, list(square)].all(axis=1) for square in ((0, 1, 3), (1, 2, 4), (3, 5, 6), (4, 6, 7)))
-    change = n4 - squares - _distinct_labels(around(background, NEIGHBOURS))
-    splits = ~added & (change > 0)
+    background = ndimage.label(~w, EIGHT)[0]
+    cut = ~added & (n4 - squares - _distinct_labels(around(background, NEIGHBOURS)) > 0)
+    if radius is None:
+        objects = ndimage.label(w, FOUR)[0]
+        mergers = added & (_distinct_labels(around(objects, [NEIGHBOURS[k] for k in FOUR_NEIGHBOURS])) >= 2)
+        splits = cut
+    else:
+        objects = np.pad(ndimage.label(warped, FOUR)[0], 1, constant_values=-1)  # outside: ignored
+        near = around(objects, NEIGHBOURS)
+        many = _distinct_labels(near) >= 2
+        mergers = added & many
+        hole = ~added & (_distinct_labels(near) == 1) & (near == 0).any(axis=1)
+        splits = ~added & many | hole & cut
+        if radius != -1:
+            codes = ring @ (1 << np.arange(8))
+            for i in np.flatnonzero(hole & ~cut & (RING_PIECES[codes] >= 2)):
+                splits[i] = _split_in_window(warped, ys[i] - 1, xs[i] - 1, radius)
 
     def image_of(selected):
         mask = np.zeros(warped.shape, bool)
@@ -473,11 +571,21 @@ def topology_errors(warped: np.ndarray, target: np.ndarray) -> tuple[np.ndarray,
     return image_of(splits), image_of(mergers)
 
 
-def _warping(proposal, inside) -> Details:
+def _priorities(distance: np.ndarray, quantum: float | None) -> np.ndarray:
+    """The warping's sort keys from |proposal - th| (double): rounded to float32 as the challenge
+    does, or with ``quantum`` truncated to its multiples (the challenge before mid-2015: 1e-4)."""
+    return distance.astype(np.float32) if quantum is None else np.floor(distance / quantum)
+
+
+def _warping(proposal, inside, radius, quantum) -> Details:
+    _check_radius(radius)
+    if quantum is not None and not quantum > 0:
+        raise ValueError(f"quantum {quantum!r}: pass a positive step (the challenge before mid-2015: 1e-4) or None")
+
     def counts(z, th):
         target = proposal[z] > th
-        warped = warp(inside[z], target, np.abs(proposal[z] - th))
-        splits, mergers = topology_errors(warped, target)
+        warped = warp(inside[z], target, _priorities(np.abs(proposal[z] - th), quantum))
+        splits, mergers = topology_errors(warped, target, radius)
         return splits.sum(), mergers.sum(), np.count_nonzero(warped != target) - splits.sum() - mergers.sum()
 
     splits, mergers, other = np.moveaxis(_sweep(WARPING_SWEEP, len(proposal), counts), -1, 0)
@@ -487,18 +595,21 @@ def _warping(proposal, inside) -> Details:
     return Details(WARPING_SWEEP, values, (splits + mergers) / pixels, counts, int(np.argmin(values)))
 
 
-def warping_error(proposal, truth, *, details: bool = False):
-    """Warping error of Table 1: minimum splits and mergers (Jain et al. 2010).
+def warping_error(proposal, truth, *, radius: int | None = 20, quantum: float | None = None, details: bool = False):
+    """Warping error of Table 1: minimum splits and mergers (Jain et al. 2010), as the challenge computed it.
 
     Per slice and threshold th of ``WARPING_SWEEP``, the truth is warped
-    towards ``proposal > th`` by ``warp`` with priority ``|proposal - th|`` (the
-    most confident disagreements first); of the pixels still differing, those
-    ``topology_errors`` finds to be splits or mergers are counted. The error is
-    their number over all slices divided by the number of pixels; the minimum
-    over thresholds is reported. With ``details`` returns ``(value, Details)``;
+    towards ``proposal > th`` by ``warp`` with priority |proposal - th| computed
+    in double and rounded to float32 (the most confident disagreements first;
+    ``quantum`` truncates it to multiples instead); of the pixels still
+    differing, those ``topology_errors`` finds to be splits or mergers with
+    ``radius`` (the challenge's 20; -1: the whole image; None: the global
+    topological rule, not the challenge's) are counted. The error is their
+    number over all slices divided by the number of pixels; the minimum over
+    thresholds is reported. With ``details`` returns ``(value, Details)``;
     counts "splits", "mergers" and "other" (remaining pixels not counted).
     """
-    return _report(_warping(*_prepare(proposal, truth)), details)
+    return _report(_warping(*_prepare(proposal, truth), radius, quantum), details)
 
 
 # ---------------------------------------------------------------------------
@@ -545,14 +656,16 @@ METRICS = {
 """The names ``evaluate`` returns, Table 1's three first, with a label and which direction is better."""
 
 
-def evaluate(proposal, truth, *, details: bool = False) -> dict:
+def evaluate(proposal, truth, *, radius: int | None = 20, details: bool = False) -> dict:
     """All five metrics: ``{name: value}``, or ``{name: (value, Details)}`` with ``details``.
 
-    The same numbers as the five functions, with the thinning shared by V_rand and V_info.
+    The same numbers as the five functions (``radius`` is the warping error's),
+    with the thinning shared by V_rand and V_info.
     """
     proposal, inside = _prepare(proposal, truth)
-    tables = dict(zip(("vrand", "vinfo"), _thinned(proposal, inside)))
-    tables.update(warping_error=_warping(proposal, inside), rand_error=_rand(proposal, inside), pixel_error=_pixel(proposal, inside))
+    tables = dict(warping_error=_warping(proposal, inside, radius, None), rand_error=_rand(proposal, inside),
+                  pixel_error=_pixel(proposal, inside))
+    tables.update(zip(("vrand", "vinfo"), _thinned(proposal, inside)))
     return {name: _report(tables[name], details) for name in METRICS}
 
 

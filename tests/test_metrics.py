@@ -1,5 +1,7 @@
-"""ISBI 2012 metrics: hand-computed toy cases, digital topology, thresholds, and skimage cross-checks."""
+"""ISBI 2012 metrics: hand-computed toy cases, the challenge's own numbers, digital topology,
+thresholds, a literal Vincent-Soille watershed, and skimage cross-checks."""
 import json
+from collections import deque
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from skimage.metrics import adapted_rand_error, variation_of_information
 from ronneberger2015.__main__ import main
 from ronneberger2015.metrics import (
     NEIGHBOURS,
+    RING_PIECES,
     SIMPLE,
     SWEEP,
     WARPING_SWEEP,
@@ -73,12 +76,13 @@ TOYS = {
         _proposal((3, slice(1, 5), 0.0)),
         dict(warping_error=1 / PIXELS, rand_error=268 / 1332, pixel_error=4 / 76, vrand=1064 / 1332, vinfo=_split_info_score()),
     ),
-    # nothing found: F = 0; all 40 pixels singletons: TP = 40, FP = 0, FN = 800 - 40,
-    # F = 80/840; cells shrink to one pixel each, object deletions that do not count;
-    # V_info: I = H(A) = ln 2, H(B) = ln 40
+    # nothing found: F = 0; unthinned, all 40 pixels singletons: TP = 40, FP = 0,
+    # FN = 800 - 40, F = 80/840; thinned, no interior is one segment: TP = 800,
+    # FP = 1600 - 800, F = 2/3, and H(B) = 0 so V_info = 0; cells shrink to one pixel
+    # each, object deletions that do not count
     "all background": (
         np.zeros(TRUTH.shape),
-        dict(warping_error=0, rand_error=1 - 80 / 840, pixel_error=1, vrand=80 / 840, vinfo=2 * np.log(2) / np.log(80)),
+        dict(warping_error=0, rand_error=1 - 80 / 840, pixel_error=1, vrand=2 / 3, vinfo=0),
     ),
 }
 
@@ -162,11 +166,12 @@ def test_simple_points_preserve_the_whole_image_topology():
 
 
 def test_split_and_merger_classification_against_relabelling():
+    """``radius=None``: a split or merger changes the number of 4-connected objects of the whole image."""
     rng = np.random.default_rng(1)
     found = 0
     for _ in range(100):
         warped, target = rng.random((2, 10, 10)) < rng.uniform(0.3, 0.8, (2, 1, 1))
-        splits, mergers = topology_errors(warped, target)
+        splits, mergers = topology_errors(warped, target, radius=None)
         before = _components(np.pad(warped, 1))[0]
         for y, x in zip(*np.nonzero(warped != target)):
             flipped = warped.copy()
@@ -176,6 +181,49 @@ def test_split_and_merger_classification_against_relabelling():
             assert mergers[y, x] == (not warped[y, x] and change < 0)
             found += splits[y, x] + mergers[y, x]
     assert found > 1000
+
+
+def _challenge_classes(warped, target, radius):
+    """The challenge's split and merger rule, pixel by pixel as worded, every window relabelled."""
+    height, width = warped.shape
+    objects = label(warped, connectivity=1)
+    splits, mergers = np.zeros((2, height, width), bool)
+    for y, x in zip(*np.nonzero(warped != target)):
+        near = {objects[y + dy, x + dx] for dy, dx in NEIGHBOURS if 0 <= y + dy < height and 0 <= x + dx < width}
+        if len(near - {0}) >= 2:
+            (splits if warped[y, x] else mergers)[y, x] = True
+        elif len(near - {0}) == 1 and 0 in near and warped[y, x]:
+            r = max(height, width) if radius == -1 else radius
+            window = np.zeros((2 * r + 1, 2 * r + 1), bool)  # outside the image: background
+            for wy, wx in np.ndindex(window.shape):
+                if 0 <= y - r + wy < height and 0 <= x - r + wx < width:
+                    window[wy, wx] = warped[y - r + wy, x - r + wx]
+            window[r, r] = False
+            pieces = label(window, connectivity=1)
+            splits[y, x] = len({pieces[r + dy, r + dx] for dy, dx in NEIGHBOURS}) > 2
+    return splits, mergers
+
+
+def test_ring_pieces_table():
+    for code in range(256):
+        assert RING_PIECES[code] == label(_window(code, False), connectivity=1).max()
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3, -1])
+def test_challenge_rule_against_the_plain_definition(radius):
+    """The shortcuts (a cut of the whole object, ``RING_PIECES``) change nothing: the same pixels
+    as relabelling every window, on random images with thin objects and rings."""
+    rng = np.random.default_rng(2)
+    splits = mergers = only_in_window = 0
+    for _ in range(60):
+        warped, target = rng.random((2, 12, 12)) < rng.uniform(0.4, 0.7, (2, 1, 1))
+        expected = _challenge_classes(warped, target, radius)
+        got = topology_errors(warped, target, radius)
+        assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+        splits, mergers = splits + expected[0].sum(), mergers + expected[1].sum()
+        only_in_window += np.count_nonzero(expected[0] & ~topology_errors(warped, target, -1)[0])
+    assert splits > 100 and mergers > 100
+    assert (only_in_window > 20) == (radius != -1)  # splits that only a window sees were tested
 
 
 def _cell():
@@ -209,7 +257,7 @@ def test_warping_visits_by_priority_pass_after_pass():
     target[9, 5:15] = False  # cut row: columns 5..14
     priority = np.ones(truth.shape)
     priority[9, 11] = 0.5
-    # pass 1, in raster order among equals: 5..10 flip (each next to the last flipped), 12 and 13
+    # pass 1, in column-major order among equals: 5..10 flip (each next to the last flipped), 12 and 13
     # would open a hole, 14 flips, then 11 (least confident, visited last) flips; pass 2: 12 flips;
     # 13 would cut the cell and stays. (Always flipping the most confident simple pixel first
     # would instead leave 11.)
@@ -234,12 +282,206 @@ def test_outside_the_image_is_background():
     assert table.counts["splits"][0, 0] == 1 and table.counts["other"][0, 0] == 0
 
 
+def test_out_of_image_neighbours_are_ignored_not_background():
+    truth = np.ones((5, 1), np.uint8)  # a column one pixel wide, cut in the middle
+    proposal = np.ones((5, 1))
+    proposal[2] = 0.0
+    # the cut pixel stays (removing it splits the column); its neighbours inside the image are
+    # one object only, a hole deletion for the challenge; the global rule sees the split
+    _, table = warping_error(proposal, truth, details=True)
+    assert table.counts["splits"][0, 0] == 0 and table.counts["other"][0, 0] == 1
+    assert warping_error(proposal, truth, radius=None) == 1 / 5
+
+
+def _toy_100x200():
+    """An 80 x 80 cell with a 50 x 50 hole beside a second 80 x 80 cell, 20 px of membrane between."""
+    truth = np.zeros((100, 200), np.uint8)
+    truth[10:90, 10:90] = truth[10:90, 110:190] = 1
+    truth[25:75, 25:75] = 0
+    return truth
+
+
+def test_challenge_oracle_toy():
+    """The challenge's own code gives 0.005, 0 with radius -1."""
+    truth = _toy_100x200()
+    value, table = warping_error(np.full(truth.shape, 0.5), truth, details=True)
+    # below 0.5 all is cell: one membrane column is left between the cells, 100 mergers; from
+    # 0.5 on nothing is: the holed cell shrinks to a ring around the hole, larger than the
+    # 41 x 41 window, so each ring pixel splits it within its window: 232 splits
+    assert table.counts["mergers"][:, 0].tolist() == [100] * 5 + [0] * 5
+    assert table.counts["splits"][:, 0].tolist() == [0] * 5 + [232] * 5
+    assert value == 0.005 == 100 / truth.size
+    _, whole = warping_error(np.full(truth.shape, 0.5), truth, radius=-1, details=True)
+    assert whole.value == 0 and whole.counts["splits"].sum() == 0  # the ring is whole: a hole deletion
+
+
+def test_window_radius_decides_a_ring():
+    truth = np.zeros((13, 13), bool)
+    truth[2:11, 2:11] = True
+    truth[4:9, 4:9] = False  # a ring 2 px thick around a 5 x 5 hole
+    target = np.zeros_like(truth)
+    warped = warp(truth, target, np.ones(truth.shape, np.float32))
+    ring = np.zeros_like(truth)
+    ring[3:10, 3:11] = True
+    ring[4:9, 4:10] = False
+    assert np.array_equal(warped, ring)  # rows 3-9, columns 3-10, one pixel thick: 26 pixels
+    # a ring pixel is a split unless its window holds the whole ring
+    assert [topology_errors(warped, target, radius=r)[0].sum() for r in (1, 2, 5)] == [26] * 3
+    assert np.argwhere(topology_errors(warped, target, radius=6)[0])[:, 1].tolist() == [3, 10] * 7  # columns 3 and 10
+    assert topology_errors(warped, target, radius=7)[0].sum() == 0
+    assert topology_errors(warped, target, radius=-1)[0].sum() == 0
+
+
+def test_a_diagonal_touch_is_a_merger():
+    """The challenge looks at 8 neighbours: one isolated target pixel touching two cells only
+    diagonally is a merger, though it would join nothing 4-connected."""
+    truth = np.zeros((7, 7), np.uint8)
+    truth[1:3, 1:3] = truth[4:6, 4:6] = 1
+    proposal = truth.astype(float)
+    proposal[3, 3] = 1.0  # cannot be added: it would be a new object
+    _, table = warping_error(proposal, truth, details=True)
+    assert table.counts["mergers"][:, 0].tolist() == [1] * 10
+    assert warping_error(proposal, truth, radius=None) == 0  # an object addition for the global rule
+
+
+# The top object shrinks to the pixel visited last. Column-major order keeps (0, 3); row-major
+# order would keep (1, 2), diagonal to the one-pixel object (2, 1): a split by the 8-neighbour rule.
+TIES = np.array([[1, 1, 1, 1], [1, 0, 1, 1], [0, 1, 0, 0], [1, 0, 0, 0]], bool)
+
+
+def test_ties_keep_column_major_order():
+    target = np.zeros_like(TIES)
+    equal = np.ones(TIES.shape, np.float32)
+    assert np.argwhere(warp(TIES, target, equal)).tolist() == [[0, 3], [2, 1], [3, 0]]
+    assert warping_error(np.zeros(TIES.shape), TIES) == 0
+    assert warping_error(np.zeros(TIES.shape), TIES.T) == 1 / 16  # the same image, visited row-major
+
+
+def test_priorities_are_float32_and_optionally_quantised():
+    """At th = 0.5 the priority 0.5 - p decreases along row-major order: the row-major visit (one
+    split) where float32 tells the values apart, column-major ties (none) where it does not."""
+    rank = np.arange(16).reshape(4, 4)
+    for step, quantum, splits in ((1e-12, None, 0), (1e-6, None, 1), (1e-6, 1e-4, 0)):
+        proposal = 0.25 + 5e-5 + step * rank
+        _, table = warping_error(proposal, TIES, quantum=quantum, details=True)
+        assert table.thresholds[5] == 0.5 and table.counts["splits"][5, 0] == splits, (step, quantum)
+
+
+def test_challenge_oracle_isbi_constant_map(isbi):
+    """Training labels 20-29 against a constant 0.5 map: the challenge gives 0.002108 (5526 splits)
+    and V_info 0. From th = 0.5 on the target is empty and all priorities equal, so one warp per
+    slice gives the splits of those 5 thresholds; below, the mergers are many more."""
+    truth = isbi.train_labels[20:30] > 0
+    empty = np.zeros(truth.shape[1:], bool)
+    splits = sum(topology_errors(warp(s, empty, np.zeros(empty.shape, np.float32)), empty)[0].sum() for s in truth)
+    assert splits == 5526 and round(splits / truth.size, 6) == 0.002108
+    assert vinfo(np.full(truth.shape, 0.5), truth) == 0
+
+
+def _vincent_soille(image):
+    """Vincent & Soille (1991), the immersion algorithm's pseudo-code line by line: 4-connected,
+    pixels scanned in column-major order, neighbours inspected left, up, right, down; WSHED = 0."""
+    init, mask, wshed, fictitious = -1, -2, 0, None
+    height, width = image.shape
+    scan = [(y, x) for x in range(width) for y in range(height)]
+    lab = {p: init for p in scan}
+    dist = {p: 0 for p in scan}
+
+    def neighbours(p):
+        return [(p[0] + dy, p[1] + dx) for dy, dx in ((0, -1), (-1, 0), (0, 1), (1, 0)) if (p[0] + dy, p[1] + dx) in lab]
+
+    current_label, queue = 0, deque()
+    for h in sorted(set(image.ravel().tolist())):
+        level = [p for p in scan if image[p] == h]
+        for p in level:
+            lab[p] = mask
+            if any(lab[q] > 0 or lab[q] == wshed for q in neighbours(p)):
+                dist[p] = 1
+                queue.append(p)
+        current_distance = 1
+        queue.append(fictitious)
+        while True:
+            p = queue.popleft()
+            if p is fictitious:
+                if not queue:
+                    break
+                queue.append(fictitious)
+                current_distance += 1
+                p = queue.popleft()
+            for q in neighbours(p):
+                if dist[q] < current_distance and (lab[q] > 0 or lab[q] == wshed):
+                    if lab[q] > 0:
+                        if lab[p] == mask or lab[p] == wshed:
+                            lab[p] = lab[q]
+                        elif lab[p] != lab[q]:
+                            lab[p] = wshed
+                    elif lab[p] == mask:
+                        lab[p] = wshed
+                elif lab[q] == mask and dist[q] == 0:
+                    dist[q] = current_distance + 1
+                    queue.append(q)
+        for p in level:
+            dist[p] = 0
+            if lab[p] == mask:
+                current_label += 1
+                queue.append(p)
+                lab[p] = current_label
+                while queue:
+                    for q in neighbours(queue.popleft()):
+                        if lab[q] == mask:
+                            queue.append(q)
+                            lab[q] = current_label
+    labels = np.zeros(image.shape, int)
+    for p in scan:
+        labels[p] = lab[p]
+    return labels
+
+
+def test_thinning_is_the_literal_flooding(isbi):
+    rng = np.random.default_rng(3)
+    masks = [rng.random(rng.integers(1, 15, 2)) < rng.uniform(0.05, 0.7) for _ in range(150)]
+    masks += [ndimage.gaussian_filter(rng.random((20, 20)), 1) > 0.5 for _ in range(50)]
+    crop = isbi.train_labels[20, :96, :96] > 0
+    masks += [ndimage.gaussian_filter(crop.astype(float), 2) + 0.3 * rng.standard_normal(crop.shape) > th for th in (0.3, 0.6)]
+    dams = 0
+    for mask in masks:
+        expected = _vincent_soille(np.where(mask, 0, 255))
+        assert np.array_equal(thin(mask), expected)
+        dams += np.count_nonzero(expected[~mask] == 0)
+    assert dams > 500
+
+
 def test_thinning_leaves_one_pixel_dams():
     mask = np.zeros((5, 9), bool)
-    mask[:, :3] = mask[:, 6:] = True  # a border three pixels wide
+    mask[:, :3] = mask[:, 6:] = True  # a border three pixels wide: its middle is reached from both sides at once
     segments = thin(mask)
-    assert segments[:, :4].tolist() == [[1, 1, 1, 1]] * 5 and (segments[:, 4] == 0).all() and (segments[:, 5:] == 2).all()
-    assert (thin(np.zeros((4, 4), bool)) == 0).all()
+    assert (segments[:, :4] == 1).all() and (segments[:, 4] == 0).all() and (segments[:, 5:] == 2).all()
+    mask[:, 5] = True  # two pixels wide: each side takes one column, no dam
+    assert thin(mask)[:, 3].tolist() == [1] * 5 and thin(mask)[:, 4].tolist() == [2] * 5
+    # neighbours left, up, right, down: 1, then 2 makes a dam, then 1 again takes the dam back
+    # (the classic algorithm relabels a dam from a later basin neighbour)
+    mask = np.array([[0, 1, 0], [1, 0, 1], [1, 1, 1]], bool)
+    assert thin(mask).tolist() == [[0, 2, 0], [1, 1, 1], [1, 1, 1]]
+    assert thin(np.zeros((4, 4), bool)).tolist() == [[1] * 4] * 4  # no interior: one segment
+    assert thin(np.ones((3, 3), bool)).tolist() == [[1] * 3] * 3
+
+
+def test_vinfo_conventions():
+    """Per slice P = I / H(A), R = I / H(B); H(A) = 0 sets P = 0, R = 1, then H(B) = 0 sets
+    P = 1, R = 0: F = 0 wherever either side is a single segment, identical partitions
+    included. P + R = 0 is NaN, and the maximum over thresholds skips it."""
+    one_cell = np.ones((3, 4), np.uint8)
+    halves = np.tile([1.0, 0.4, 0.4, 1.0], (3, 1))  # from 0.4 on a 2-wide border: two segments, no dam
+    assert vinfo(np.ones((3, 4)), one_cell) == 0  # both sides one segment
+    _, table = vinfo(halves, one_cell, details=True)
+    assert table.values.tolist() == [0.0] * 11  # H(A) = 0 (H(B) = 0 too below 0.4)
+    # truth rows 0 and 2 against proposal columns 0-1 and 2-3: each segment holds half of each
+    # object, I = 0 and P + R = 0 from 0.4 on; below, one segment: F = 0
+    rows = np.array([[1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1]], np.uint8)
+    value, table = vinfo(halves, rows, details=True)
+    assert table.values[:4].tolist() == [0.0] * 4 and np.isnan(table.values[4:]).all()
+    assert value == 0 and table.threshold == 0
+    assert np.isnan(vinfo((halves > 0.5).astype(float), rows))  # NaN at every threshold: NaN
 
 
 def _singletons(segments):
@@ -301,6 +543,23 @@ def test_rand_and_information_terms_agree_with_skimage(isbi):
 def test_bad_inputs_are_named(proposal, truth, message):
     with pytest.raises(ValueError, match=message):
         evaluate(proposal, truth)
+
+
+@pytest.mark.parametrize(
+    "keywords, message",
+    [
+        (dict(radius=0), "radius 0: pass a whole number >= 1"),
+        (dict(radius=-2), "radius -2.*-1 for the whole image"),
+        (dict(radius=20.0), "radius 20.0.*None for the global"),
+        (dict(quantum=0), "quantum 0: pass a positive step"),
+    ],
+)
+def test_bad_warping_options_are_named(keywords, message):
+    with pytest.raises(ValueError, match=message):
+        warping_error(TOYS["perfect"][0], TRUTH, **keywords)
+    if "radius" in keywords:
+        with pytest.raises(ValueError, match=message):
+            evaluate(TOYS["perfect"][0], TRUTH, **keywords)
 
 
 def test_command_line(tmp_path, capsys):
