@@ -7,6 +7,7 @@ side (572 in Fig. 1) and ``--output-tile`` its output side (388).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -44,8 +45,16 @@ def add_threads(parser: argparse.ArgumentParser) -> None:
 
 
 def set_threads(threads: int | None) -> None:
-    """Apply ``--threads``; ``ValueError`` for a number below 1."""
+    """Apply ``--threads``; ``ValueError`` for a number below 1. Without it, on a machine whose load average
+    already reaches its core count, say that fewer threads are often much faster. The count is never chosen
+    from the load: the thread count changes the rounding, so a seeded run depends on it."""
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
+        return
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if cores > 1 and load >= cores:
+        print(f"note: the load average ({load:.1f}) already reaches the {cores} cores; torch's {torch.get_num_threads()} "
+              "threads then wait on each other: --threads 1 is often several times faster (docs/performance.md)",
+              file=sys.stderr)

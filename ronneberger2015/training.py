@@ -413,7 +413,7 @@ def _write_config(run: _Run, record: dict | None, resumed: bool) -> None:
     path = run.dir / CONFIG
     previous = io.read_json(path) if resumed and path.is_file() else {}
     entry = {"config": dataclasses.asdict(run.config), "device": str(run.device), "version": __version__,
-             **(record or {})}
+             "threads": torch.get_num_threads(), **(record or {})}
     if resumed:
         entry = {**previous, "resumed": [*previous.get("resumed", []), {"at_iteration": run.iteration, **entry}]}
     io.write_json(path, entry)
