@@ -38,8 +38,8 @@ def figure(image: np.ndarray, labels: np.ndarray, seed: int) -> Figure:
     labels = torch.from_numpy(labels).long()[None]
     still = dict(rotation=False, flip=False, contrast=1.0, brightness=0.0)
     columns = [
-        ("cut out, no augmentation", Augmenter(INPUT, OUTPUT, sigma=0.0, **still)),
-        ("elastic only (3x3 nodes, sigma 10 px)", Augmenter(INPUT, OUTPUT, **still)),
+        ("cut out, no augmentation", Augmenter(INPUT, OUTPUT, displacement_std=0.0, **still)),
+        ("elastic only (3x3 nodes, std 10 px)", Augmenter(INPUT, OUTPUT, **still)),
         ("all of Sec. 3.1", Augmenter(INPUT, OUTPUT)),
     ]
     # One seed for all columns: they share the draws; the first two stay at the slice centre.

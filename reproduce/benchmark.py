@@ -316,10 +316,10 @@ def _step(config, source, stacks, generator, device):
     import torch
 
     from ronneberger2015.network import UNet
-    from ronneberger2015.training import engine, training_step
+    from ronneberger2015.training import forward_and_optimizer, training_step
 
     torch.manual_seed(0)
-    forward, optimizer = engine(UNet(**config.network).to(device).train(), config)
+    forward, optimizer = forward_and_optimizer(UNet(**config.network).to(device).train(), config)
     return lambda: training_step(forward, optimizer, source, stacks, generator)
 
 
@@ -385,7 +385,7 @@ def bench_train(args: argparse.Namespace) -> None:
     from ronneberger2015.augment import Augmenter
     from ronneberger2015.loss import weighted_cross_entropy
     from ronneberger2015.network import UNet
-    from ronneberger2015.training import TrainConfig, engine
+    from ronneberger2015.training import TrainConfig, forward_and_optimizer
 
     device = _device(args)
     cuda = device.type == "cuda"
@@ -440,7 +440,7 @@ def bench_train(args: argparse.Namespace) -> None:
     reference = UNet(**{**network, "dropout": 0.0})
     def outputs(config, dtype=None):
         model = copy.deepcopy(reference).to(device, dtype)
-        forward, _ = engine(model, config)
+        forward, _ = forward_and_optimizer(model, config)
         logits = forward(x.to(dtype or x.dtype))
         weighted_cross_entropy(logits, y, w.to(dtype or w.dtype)).backward()
         return logits.detach().double(), torch.cat([p.grad.flatten() for p in model.parameters()]).double()

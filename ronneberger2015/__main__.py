@@ -16,7 +16,7 @@ COMMANDS = {
 }
 
 
-def _run(command: str, argv: list[str]) -> int:
+def _dispatch(command: str, argv: list[str]) -> int:
     module = importlib.import_module(COMMANDS[command][0])
     try:
         return module.cli(argv, prog=f"python -m ronneberger2015 {command}") or 0
@@ -35,12 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
         print("\n".join(lines), file=sys.stdout if argv[:1] in ([], ["-h"], ["--help"]) else sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    return _run(argv[0], argv[1:])
+    return _dispatch(argv[0], argv[1:])
 
 
 def weightmap() -> int:
     """Console script ``ronneberger2015-weightmap``."""
-    return _run("weightmap", sys.argv[1:])
+    return _dispatch("weightmap", sys.argv[1:])
 
 
 if __name__ == "__main__":

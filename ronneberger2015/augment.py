@@ -49,7 +49,7 @@ def random_displacement(
     shape: Sequence[int],
     *,
     grid: int = 3,
-    sigma: float = 10.0,
+    displacement_std: float = 10.0,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -57,11 +57,11 @@ def random_displacement(
     """A smooth random (2, H, W) displacement field in pixels (Sec. 3.1).
 
     Displacement vectors on a ``grid`` x ``grid`` lattice spanning the tile are
-    drawn from N(0, sigma^2) per axis and interpolated bicubically to every
+    drawn from N(0, displacement_std^2) per axis and interpolated bicubically to every
     pixel (see ``displacement_field``). ``device`` defaults to the generator's.
     """
     device = _device(generator, device)
-    nodes = sigma * torch.randn(2, grid, grid, generator=generator, device=device, dtype=dtype)
+    nodes = displacement_std * torch.randn(2, grid, grid, generator=generator, device=device, dtype=dtype)
     return displacement_field(nodes, shape)
 
 
@@ -98,7 +98,7 @@ class Augmenter:
       tiles near the edge reach into the mirror-reflected surround;
     - a rotation angle uniform in [0, 2 pi) if ``rotation``, else 0;
     - a flip of the tile's columns with probability 1/2 if ``flip``;
-    - the elastic field: a ``grid`` x ``grid`` lattice of N(0, sigma^2)
+    - the elastic field: a ``grid`` x ``grid`` lattice of N(0, displacement_std^2)
       displacements spanning the INPUT tile, interpolated bicubically;
     - a gray-value change: contrast factor log-uniform in [1/contrast, contrast]
       about the tile's mean, and a brightness shift uniform in
@@ -118,7 +118,8 @@ class Augmenter:
         input_size: network input tile, int or (h, w) (572 in the paper).
         output_size: network output tile, int or (h, w) (388); ``input - output``
             must be even on both axes.
-        grid, sigma: elastic lattice nodes per axis and their std in pixels.
+        grid, displacement_std: elastic lattice nodes per axis and the standard
+            deviation of their displacements in pixels (the paper's 10).
         rotation, flip: draw them, or not.
         contrast: largest contrast factor (>= 1; 1 switches it off).
         brightness: largest brightness shift (>= 0; 0 switches it off).
@@ -131,7 +132,7 @@ class Augmenter:
         output_size: int | Sequence[int],
         *,
         grid: int = 3,
-        sigma: float = 10.0,
+        displacement_std: float = 10.0,
         rotation: bool = True,
         flip: bool = True,
         contrast: float = 1.25,
@@ -144,11 +145,11 @@ class Augmenter:
                 f"output_size {self.output_shape} must fit centred in input_size {self.input_shape}: "
                 "not larger, and input - output even on both axes"
             )
-        if grid < 1 or sigma < 0 or contrast < 1 or brightness < 0:
-            raise ValueError("need grid >= 1, sigma >= 0, contrast >= 1 and brightness >= 0")
+        if grid < 1 or displacement_std < 0 or contrast < 1 or brightness < 0:
+            raise ValueError("need grid >= 1, displacement_std >= 0, contrast >= 1 and brightness >= 0")
         if image_interpolation not in INTERPOLATIONS:
             raise ValueError(f"image_interpolation must be one of {INTERPOLATIONS}, got {image_interpolation!r}")
-        self.grid, self.sigma, self.rotation, self.flip = grid, sigma, rotation, flip
+        self.grid, self.displacement_std, self.rotation, self.flip = grid, displacement_std, rotation, flip
         self.contrast, self.brightness = contrast, brightness
         self.image_interpolation = image_interpolation
         self.border = tuple((i - o) // 2 for i, o in zip(self.input_shape, self.output_shape))
@@ -192,7 +193,7 @@ class Augmenter:
         slice_index = torch.randint(depth, (batch_size,), **draw)
         centre = torch.stack([torch.randint(n, (batch_size,), dtype=dtype, **draw) for n in (height, width)], 1)
         uniform = torch.rand(batch_size, 4, dtype=dtype, **draw)
-        nodes = torch.randn(batch_size, 2, self.grid, self.grid, dtype=dtype, **draw) * self.sigma
+        nodes = torch.randn(batch_size, 2, self.grid, self.grid, dtype=dtype, **draw) * self.displacement_std
         return AugmentParams(
             slice_index=slice_index,
             centre=centre,

@@ -134,7 +134,7 @@ def _undo(x: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
     return torch.rot90(x.flip(-1) if flip else x, -turns, dims=(-2, -1))
 
 
-def _probabilities(model: nn.Module, tiles: torch.Tensor, transforms: Sequence[tuple[int, bool]],
+def _averaged_probabilities(model: nn.Module, tiles: torch.Tensor, transforms: Sequence[tuple[int, bool]],
                    chunk: int, precision: str) -> torch.Tensor:
     """Soft-max probabilities of a batch of input tiles, averaged over ``transforms``.
 
@@ -174,7 +174,7 @@ def _write(result: np.ndarray, probabilities: torch.Tensor, spans: list, done, b
     bar.update(len(spans))
 
 
-def _run(model: nn.Module, batches: Iterable[list], result: np.ndarray, forward, window: tuple[int, int],
+def _run_batches(model: nn.Module, batches: Iterable[list], result: np.ndarray, forward, window: tuple[int, int],
          tile: tuple[int, int], per_batch: int, device: torch.device, bar: tqdm) -> None:
     """Run batches of ``_tiles`` items through ``forward``, writing each output tile into ``result``.
 
@@ -310,13 +310,13 @@ def _predict_spans(model: UNet, canvases: Iterable[np.ndarray], slices: int, row
     model.to(device, memory_format=torch.channels_last)
     result = np.empty((slices, model.num_classes, rows[-1][2], cols[-1][2]), dtype=np.float32)
     batches = _batched(_tiles(canvases, rows, cols, window), per_batch)
-    forward = functools.partial(_probabilities, model, transforms=transforms, chunk=batch_size,
+    forward = functools.partial(_averaged_probabilities, model, transforms=transforms, chunk=batch_size,
                                 precision=precision)
     training = model.training
     model.eval()
     try:
         with torch.inference_mode(), tqdm(total=count, unit="tile", desc="predict", disable=not progress) as bar:
-            _run(model, batches, result, forward, window, tile, per_batch, device, bar)
+            _run_batches(model, batches, result, forward, window, tile, per_batch, device, bar)
     finally:
         model.train(training)
     if not np.isfinite(result).all():

@@ -46,7 +46,7 @@ from .tiling import predict
 from .validation import SCORES, Validation, diagnose, improves, validate, validation_set
 from .weightmap import label_reading, target_and_weights
 
-__all__ = ["TrainConfig", "PRESETS", "ENGINES", "COMPILE_MODES", "RESUMABLE", "engine", "train", "training_step",
+__all__ = ["TrainConfig", "PRESETS", "ENGINES", "COMPILE_MODES", "RESUMABLE", "forward_and_optimizer", "train", "training_step",
            "TrainingDiverged", "TrainingWarning", "read_log", "plot_loss", "add_training_options", "config_from_args",
            "cli"]
 
@@ -155,7 +155,7 @@ class TrainingWarning(UserWarning):
     """The run ended but did not learn: its loss did not fall, or its output is near-constant."""
 
 
-def engine(model: UNet, config: TrainConfig):
+def forward_and_optimizer(model: UNet, config: TrainConfig):
     """The network's forward pass and the SGD optimizer (Sec. 3) as ``config`` runs them.
 
     "fast" moves the model's weights to channels_last (in place, as
@@ -185,7 +185,7 @@ def engine(model: UNet, config: TrainConfig):
 def training_step(forward, optimizer, augmenter, stacks, generator) -> torch.Tensor:
     """One iteration (Sec. 3): an augmented tile (Sec. 3.1), forward, Eq. 1, backward, SGD step.
 
-    ``forward`` and ``optimizer`` come from ``engine``; ``stacks`` are the
+    ``forward`` and ``optimizer`` come from ``forward_and_optimizer``; ``stacks`` are the
     (images, targets, weights) on the device. Returns the loss as a device
     tensor, without waiting for it.
     """
@@ -400,7 +400,7 @@ class _Run:
 def _start(run_dir: Path, config: TrainConfig, device: torch.device, stacks: tuple) -> _Run:
     torch.manual_seed(config.seed)  # dropout draws from torch's global generator; it is checkpointed too
     model = UNet(**{"in_channels": 1, "num_classes": 2, **config.network}).to(device)
-    forward, optimizer = engine(model, config)
+    forward, optimizer = forward_and_optimizer(model, config)
     return _Run(config, device, run_dir, model, forward, optimizer,
                 generator=torch.Generator(device=device).manual_seed(config.seed),
                 augmenter=Augmenter(config.input_tile, output_size(config.input_tile, model.depth), **config.augment),

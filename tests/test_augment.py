@@ -77,7 +77,7 @@ def as_tensors(images, labels, weights):
     return torch.from_numpy(images), torch.from_numpy(labels).long(), torch.from_numpy(weights)
 
 
-STILL = dict(sigma=0.0, rotation=False, flip=False, contrast=1.0, brightness=0.0)
+STILL = dict(displacement_std=0.0, rotation=False, flip=False, contrast=1.0, brightness=0.0)
 
 
 def test_scipy_mirror_is_numpy_reflect():
@@ -90,7 +90,7 @@ def test_scipy_mirror_is_numpy_reflect():
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 def test_still_tile_is_a_crop_of_the_mirror_padded_slice(interpolation):
-    """sigma = 0, no rotation or flip: the tile is the reflect-padded slice at the drawn shift, exactly.
+    """displacement_std = 0, no rotation or flip: the tile is the reflect-padded slice at the drawn shift, exactly.
 
     The 7 x 10 slices are much smaller than the 60 x 44 tiles, so positions lie
     several slice sizes outside and are reflected many times.
@@ -127,7 +127,7 @@ def test_field_is_keys_cubic():
     np.testing.assert_allclose(displacement_field(nodes, (40, 57)).numpy(), expected, atol=1e-10)
 
 
-def test_node_displacements_have_sigma_10():
+def test_node_displacements_have_std_10():
     generator = torch.Generator().manual_seed(3)
     at_nodes = torch.stack([random_displacement((5, 7), generator=generator)[:, ::2, ::3] for _ in range(500)])
     assert at_nodes.shape == (500, 2, 3, 3)
@@ -170,7 +170,7 @@ def test_labels_keep_their_values():
     rng = np.random.default_rng(6)
     labels = rng.choice([0, 2, 5], size=(2, 40, 40))
     images = weights = rng.random((2, 40, 40), dtype=np.float32)
-    augmenter = Augmenter(44, 24, sigma=30.0)
+    augmenter = Augmenter(44, 24, displacement_std=30.0)
     generator = torch.Generator().manual_seed(6)
     _, y, _ = augmenter(*as_tensors(images, labels, weights), batch_size=6, generator=generator)
     assert y.dtype == torch.int64

@@ -15,7 +15,7 @@ from ronneberger2015.network import UNet
 from ronneberger2015.weightmap import target_and_weights
 from ronneberger2015.loss import weighted_cross_entropy
 from ronneberger2015.runtime import resolve_device
-from ronneberger2015.training import PRESETS, TrainConfig, TrainingDiverged, engine, train
+from ronneberger2015.training import PRESETS, TrainConfig, TrainingDiverged, forward_and_optimizer, train
 
 pytestmark = pytest.mark.filterwarnings("ignore::ronneberger2015.training.TrainingWarning")  # tiny runs do not learn
 
@@ -177,7 +177,7 @@ def _one_step(reference, config, tile, device):
     """Logits, gradients and updated weights of one SGD step of a copy of ``reference`` as ``config`` runs it,
     on a fixed random tile (float64 for comparing)."""
     model = copy.deepcopy(reference).to(device)
-    forward, optimizer = engine(model, config)
+    forward, optimizer = forward_and_optimizer(model, config)
     generator = torch.Generator().manual_seed(1)
     out = model.output_size(tile)
     x = torch.rand(1, 1, tile, tile, generator=generator)
