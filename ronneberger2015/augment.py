@@ -114,16 +114,24 @@ class Augmenter:
     output pixels. The gray-value change is applied to the image only, after
     resampling, and the image is then clipped to [0, 1].
 
-    Args:
-        input_size: network input tile, int or (h, w) (572 in the paper).
-        output_size: network output tile, int or (h, w) (388); ``input - output``
-            must be even on both axes.
-        grid, displacement_std: elastic lattice nodes per axis and the standard
-            deviation of their displacements in pixels (the paper's 10).
-        rotation, flip: draw them, or not.
-        contrast: largest contrast factor (>= 1; 1 switches it off).
-        brightness: largest brightness shift (>= 0; 0 switches it off).
-        image_interpolation: "bilinear" or "bicubic".
+    Parameters
+    ----------
+    input_size : int | Sequence[int]
+        network input tile, int or (h, w) (572 in the paper).
+    output_size : int | Sequence[int]
+        network output tile, int or (h, w) (388); ``input - output``
+        must be even on both axes.
+    grid : int, displacement_std : float
+        elastic lattice nodes per axis and the standard
+        deviation of their displacements in pixels (the paper's 10).
+    rotation, flip : bool
+        draw them, or not.
+    contrast : float
+        largest contrast factor (>= 1; 1 switches it off).
+    brightness : float
+        largest brightness shift (>= 0; 0 switches it off).
+    image_interpolation : str
+        "bilinear" or "bicubic".
     """
 
     def __init__(

@@ -21,10 +21,14 @@ __all__ = ["weighted_cross_entropy"]
 def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Mean over output pixels of -w(x) log p_l(x)(x) (Eq. 1).
 
-    Args:
-        logits: (B, K, H, W) scores a_k(x) of the network's last layer.
-        target: (B, H, W) integer class l(x) of each pixel.
-        weight: (B, H, W) weight map w(x) (Eq. 2).
+    Parameters
+    ----------
+    logits : torch.Tensor
+        (B, K, H, W) scores a_k(x) of the network's last layer.
+    target : torch.Tensor
+        (B, H, W) integer class l(x) of each pixel.
+    weight : torch.Tensor
+        (B, H, W) weight map w(x) (Eq. 2).
 
     The soft-max is computed in float32 even under bf16 autocast.
     """

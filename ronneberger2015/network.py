@@ -135,20 +135,27 @@ class _UpBlock(nn.Module):
 class UNet(nn.Module):
     """The unpadded U-Net of Ronneberger et al. (2015), Fig. 1.
 
-    Args:
-        in_channels: input channels (1 for the EM images).
-        num_classes: output classes K of the 1x1 head (2: membrane, cell).
-        base_channels: channels of the first level (64 in the paper); they
-            double at each of the ``depth`` down steps (1024 at the bottom).
-        depth: number of 2x2 max-poolings (4 in the paper).
-        dropout: drop-out probability "at the end of the contracting path"
-            (Sec. 3.1). As in the authors' release (``dropout_d3c``,
-            ``dropout_d4c``, in place, training only), it acts on the outputs
-            of the two deepest levels, so the skip connection of the
-            second-deepest level (512 channels) is dropped out as well.
-        variant: ``"paper"`` (Fig. 1) or ``"release"`` (the authors' phseg_v5
-            network: a ReLU after every up-convolution, and the last
-            up-convolution keeps 2 * base_channels = 128 channels).
+    Parameters
+    ----------
+    in_channels : int
+        input channels (1 for the EM images).
+    num_classes : int
+        output classes K of the 1x1 head (2: membrane, cell).
+    base_channels : int
+        channels of the first level (64 in the paper); they
+        double at each of the ``depth`` down steps (1024 at the bottom).
+    depth : int
+        number of 2x2 max-poolings (4 in the paper).
+    dropout : float
+        drop-out probability "at the end of the contracting path"
+        (Sec. 3.1). As in the authors' release (``dropout_d3c``,
+        ``dropout_d4c``, in place, training only), it acts on the outputs
+        of the two deepest levels, so the skip connection of the
+        second-deepest level (512 channels) is dropped out as well.
+    variant : str
+        ``"paper"`` (Fig. 1) or ``"release"`` (the authors' phseg_v5
+        network: a ReLU after every up-convolution, and the last
+        up-convolution keeps 2 * base_channels = 128 channels).
 
     Weights are drawn from N(0, sqrt(2/N)), N the fan-in of one output unit
     (Sec. 3: "for a 3x3 convolution and 64 feature channels in the previous

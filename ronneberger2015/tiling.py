@@ -215,35 +215,48 @@ def predict(
 ) -> np.ndarray:
     """Soft-max probabilities of ``model`` for an image or a stack, by overlap-tile (Fig. 2).
 
-    Args:
-        model: a ``UNet``. It is moved to ``device`` with channels_last
-            weights (in place, as ``Module.to``; the faster layout for
-            convolutions on CPUs and GPUs, same values) and run in eval mode;
-            its training flag is restored.
-        image: (H, W) or a stack (Z, H, W) for a single-channel model; for
-            ``in_channels`` C > 1, (C, H, W) or (Z, C, H, W) (a 4-D array is
-            always a stack). uint8, uint16, or float in [0, 1] (no NaN).
-        output_tile: output tile side, or (height, width): a valid output side
-            of the network (388 and 516 at depth 4), at least 2**depth. Default: the
-            largest square tile whose forward pass fits ``memory_budget``. A
-            side larger than the image shrinks to the smallest valid side that
-            covers it (same result, less work).
-        batch_size: network inputs per forward pass, each TTA copy counting
-            as one; tiles of all slices are batched together. Default: 1 on
-            the CPU (larger batches run slower there), else as many as fit
-            ``memory_budget``.
-        device: where the network runs; default: where the model's weights are.
-        tta: average the soft-max probabilities over the 8 rotations and
-            flips of each input tile (``DIHEDRAL``), each output turned back;
-            the paper (Sec. 4) averaged "over 7 rotated versions".
-        precision: "fp32", or "bf16" (autocast; probabilities are float32).
-        memory_budget: bytes of activations one forward pass may hold, as
-            estimated with ``ACTIVATION_MAPS``; it bounds the device memory
-            whatever the image size (the result itself lives in host memory).
-        progress: show a progress bar over tiles.
-        tile: the earlier name of ``output_tile`` (a DeprecationWarning says so).
+    Parameters
+    ----------
+    model : UNet
+        a ``UNet``. It is moved to ``device`` with channels_last
+        weights (in place, as ``Module.to``; the faster layout for
+        convolutions on CPUs and GPUs, same values) and run in eval mode;
+        its training flag is restored.
+    image : np.ndarray
+        (H, W) or a stack (Z, H, W) for a single-channel model; for
+        ``in_channels`` C > 1, (C, H, W) or (Z, C, H, W) (a 4-D array is
+        always a stack). uint8, uint16, or float in [0, 1] (no NaN).
+    output_tile : int | tuple[int, int] | None
+        output tile side, or (height, width): a valid output side
+        of the network (388 and 516 at depth 4), at least 2**depth. Default: the
+        largest square tile whose forward pass fits ``memory_budget``. A
+        side larger than the image shrinks to the smallest valid side that
+        covers it (same result, less work).
+    batch_size : int | None
+        network inputs per forward pass, each TTA copy counting
+        as one; tiles of all slices are batched together. Default: 1 on
+        the CPU (larger batches run slower there), else as many as fit
+        ``memory_budget``.
+    device : str | torch.device | None
+        where the network runs; default: where the model's weights are.
+    tta : bool
+        average the soft-max probabilities over the 8 rotations and
+        flips of each input tile (``DIHEDRAL``), each output turned back;
+        the paper (Sec. 4) averaged "over 7 rotated versions".
+    precision : str
+        "fp32", or "bf16" (autocast; probabilities are float32).
+    memory_budget : int
+        bytes of activations one forward pass may hold, as
+        estimated with ``ACTIVATION_MAPS``; it bounds the device memory
+        whatever the image size (the result itself lives in host memory).
+    progress : bool
+        show a progress bar over tiles.
+    tile : int | tuple[int, int] | None
+        the earlier name of ``output_tile`` (a DeprecationWarning says so).
 
-    Returns:
+    Returns
+    -------
+    numpy.ndarray
         float32 (K, H, W) for one image, (Z, K, H, W) for a stack; K =
         ``model.num_classes``. A non-finite output (broken weights) raises
         ``FloatingPointError`` instead.

@@ -351,36 +351,50 @@ def predict_volume(
 ):
     """Probability of class ``class_index`` of a Zarr volume, written to a Zarr array block by block (Fig. 2).
 
-    Args:
-        model: a single-channel ``UNet``, sent once to each worker, or a
-            checkpoint path, which each worker loads once.
-        source: a Zarr array (Y, X) or stack (Z, Y, X) of slices (uint8,
-            uint16 or float in [0, 1], as ``predict``), or an OME-Zarr image
-            group, whose full-resolution dataset is read.
-        target: the output folder: a Zarr array of the input's shape and Zarr
-            format; for an OME-Zarr input, an OME-Zarr image with its
-            full-resolution dataset's path and the input's axes and scales.
-            If it holds an unfinished prediction begun with the same
-            settings, the prediction resumes.
-        tta, output_tile, batch_size, precision, memory_budget: as ``predict``;
-            the tile grid is the one ``predict`` lays over the whole image.
-        block: output block: one side, (height, width), or for a stack
-            (slices, height, width); in-plane sides are multiples of the tile
-            step. Default: the input's chunk depth by the smallest multiple of
-            the step covering its chunk side. The output's chunks are one
-            slice of a block (the whole block for a 2D image).
-        dtype: "float32", or "uint8" (probability x 255, rounded).
-        class_index: the class written; 1 is the cell interior.
-        device: cpu or cuda; default: each worker's GPU if it has one.
-        scheduler: address of a Dask scheduler (e.g. "tcp://10.0.0.1:8786");
-            its workers must import this package and see both paths. Default:
-            a LocalCluster on this machine.
-        workers: the LocalCluster's worker processes (one thread each);
-            default one per GPU, else one per 4 CPU cores.
-        progress: show a progress bar over blocks.
+    Parameters
+    ----------
+    model : UNet | str | os.PathLike
+        a single-channel ``UNet``, sent once to each worker, or a
+        checkpoint path, which each worker loads once.
+    source : str | os.PathLike
+        a Zarr array (Y, X) or stack (Z, Y, X) of slices (uint8,
+        uint16 or float in [0, 1], as ``predict``), or an OME-Zarr image
+        group, whose full-resolution dataset is read.
+    target : str | os.PathLike
+        the output folder: a Zarr array of the input's shape and Zarr
+        format; for an OME-Zarr input, an OME-Zarr image with its
+        full-resolution dataset's path and the input's axes and scales.
+        If it holds an unfinished prediction begun with the same
+        settings, the prediction resumes.
+    tta, output_tile, batch_size, precision, memory_budget
+        as ``predict``;
+        the tile grid is the one ``predict`` lays over the whole image.
+    block : int | tuple[int, ...] | None
+        output block: one side, (height, width), or for a stack
+        (slices, height, width); in-plane sides are multiples of the tile
+        step. Default: the input's chunk depth by the smallest multiple of
+        the step covering its chunk side. The output's chunks are one
+        slice of a block (the whole block for a 2D image).
+    dtype : str
+        "float32", or "uint8" (probability x 255, rounded).
+    class_index : int
+        the class written; 1 is the cell interior.
+    device : str | None
+        cpu or cuda; default: each worker's GPU if it has one.
+    scheduler : str | None
+        address of a Dask scheduler (e.g. "tcp://10.0.0.1:8786");
+        its workers must import this package and see both paths. Default:
+        a LocalCluster on this machine.
+    workers : int | None
+        the LocalCluster's worker processes (one thread each);
+        default one per GPU, else one per 4 CPU cores.
+    progress : bool
+        show a progress bar over blocks.
 
-    Returns:
-        The output ``zarr.Array``, opened read-only. Each block's result
+    Returns
+    -------
+    zarr.Array
+        The output, opened read-only. Each block's result
         equals ``predict`` on the whole array in memory, to float rounding.
     """
     zarr = _require()[0]
