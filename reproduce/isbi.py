@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _replay(args: argparse.Namespace, argv: list[str] | None) -> int:
-    set_threads(args.threads)
+    set_threads(args.threads, note_if_busy=True)
     device = resolve_device(args.device)
     preset = args.preset or ("paper" if device.type == "cuda" else "smoke")
     config = config_from_args(args, preset)

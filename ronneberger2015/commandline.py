@@ -44,17 +44,18 @@ def add_threads(parser: argparse.ArgumentParser) -> None:
                              "with other work fewer are often faster, see docs/performance.md)")
 
 
-def set_threads(threads: int | None) -> None:
-    """Apply ``--threads``; ``ValueError`` for a number below 1. Without it, on a machine whose load average
-    already reaches its core count, say that fewer threads are often much faster. The count is never chosen
-    from the load: the thread count changes the rounding, so a seeded run depends on it."""
+def set_threads(threads: int | None, *, note_if_busy: bool = False) -> None:
+    """Apply ``--threads``; ``ValueError`` for a number below 1. Without it, for long work
+    (``note_if_busy``) on a machine whose load average already reaches its core count, say that fewer
+    threads are often much faster. The count is never chosen from the load: the thread count changes the
+    rounding, so a seeded run depends on it."""
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
         return
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if cores > 1 and load >= cores:
+    if note_if_busy and torch.get_num_threads() > 1 and load >= cores:
         print(f"note: the load average ({load:.1f}) already reaches the {cores} cores; torch's {torch.get_num_threads()} "
               "threads then wait on each other: --threads 1 is often several times faster (docs/performance.md)",
               file=sys.stderr)

@@ -282,7 +282,7 @@ def predict(
     canvases = (np.pad(image, pad, mode="reflect") for image in stack)
     result = _predict_spans(model, canvases, len(stack), rows, cols, tile, batch_size=batch_size, device=device,
                             tta=tta, precision=precision, memory_budget=memory_budget, progress=progress)
-    return result[0] if single else result
+    return _require_finite(result[0] if single else result)
 
 
 def _tile_sides(model: UNet, tile, size: Sequence[int], precision: str, memory_budget: int) -> tuple[int, int]:
@@ -332,10 +332,15 @@ def _predict_spans(model: UNet, canvases: Iterable[np.ndarray], slices: int, row
             _run_batches(model, batches, result, forward, window, tile, per_batch, device, bar)
     finally:
         model.train(training)
-    if not np.isfinite(result).all():
-        raise FloatingPointError(f"the network's output is not finite at {np.count_nonzero(~np.isfinite(result))} "
-                                 "of its values: its weights are broken (e.g. by a diverged training run)")
     return result
+
+
+def _require_finite(probabilities: np.ndarray) -> np.ndarray:
+    """``probabilities``, or ``FloatingPointError`` where the network's output is not finite (broken weights)."""
+    if not np.isfinite(probabilities).all():
+        raise FloatingPointError(f"the network's output is not finite at {np.count_nonzero(~np.isfinite(probabilities))} "
+                                 "of its values: its weights are broken (e.g. by a diverged training run)")
+    return probabilities
 
 
 def load_model(checkpoint, device: str | torch.device | None = None) -> UNet:

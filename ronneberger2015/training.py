@@ -615,7 +615,7 @@ def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
                         "--iterations and --lr may change")
     args = parser.parse_args(argv)
     require(parser, args, "output", "-o/--output")
-    set_threads(args.threads)
+    set_threads(args.threads, note_if_busy=True)
     config = config_from_args(args, args.preset or "paper")
     extra = {"instances": args.instances, "validate_every": args.validate_every, "select_by": args.select_by}
     config = dataclasses.replace(config, **{k: v for k, v in extra.items() if v is not None})

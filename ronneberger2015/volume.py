@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from .io import image_to_float
 from .network import UNet
-from .tiling import BYTES, DEFAULT_MEMORY_BUDGET, _predict_spans, _spans, _tile_sides, load_model
+from .runtime import PRECISIONS
+from .tiling import DEFAULT_MEMORY_BUDGET, _predict_spans, _require_finite, _spans, _tile_sides, load_model
 
 __all__ = ["predict_volume", "local_cluster", "cli", "names_zarr", "DTYPES"]
 
@@ -173,6 +174,7 @@ def _predict_block(block_id: tuple[int, int, int], *, job: _Job, model: UNet | N
                 model, [image_to_float(canvas)[None]], 1, rows, cols, job.tile, batch_size=job.batch_size,
                 device=device, tta=job.tta, precision=job.precision, memory_budget=job.memory_budget,
                 progress=False)[0, job.class_index, top:, left:]
+        _require_finite(probabilities)
         if job.dtype == "uint8":
             probabilities = np.rint(probabilities * 255).astype(np.uint8)
         target[((z,) if source.ndim == 3 else ()) + (out_rows, out_cols)] = probabilities

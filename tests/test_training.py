@@ -394,3 +394,20 @@ def test_ctrl_c_names_the_resume_command(two_slices, tmp_path):
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130
     assert "interrupted; the checkpoint of iteration" in err and "--resume" in err and "Traceback" not in err
+
+
+def test_a_busy_machine_gets_a_note_and_threads_are_never_chosen_from_the_load(monkeypatch, capsys):
+    from ronneberger2015 import commandline
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(commandline.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    monkeypatch.setattr(commandline.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    commandline.set_threads(None, note_if_busy=True)
+    assert "--threads 1 is often several times faster" in capsys.readouterr().err
+    commandline.set_threads(None)  # short commands stay quiet
+    assert capsys.readouterr().err == ""
+    monkeypatch.undo()
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="--threads must be at least 1"):
+        commandline.set_threads(0)
