@@ -7,6 +7,7 @@ from these commands. Speed is never asserted in the test suite.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -40,6 +41,14 @@ def timeit(function: Callable[[], object], *, repeat: int = 5, warmup: int = 1, 
             function()
             times.append((time.perf_counter() - begin) * 1e3)
     return statistics.median(times)
+
+
+def _repeat(calls: int, function: Callable, *args, **kwargs) -> list:
+    return [function(*args, **kwargs) for _ in range(calls)]
+
+
+def _store(values: dict, name: str, function: Callable, *args) -> None:
+    values[name] = function(*args)
 
 
 def _device(args: argparse.Namespace):
@@ -116,7 +125,7 @@ def bench_weightmap(args: argparse.Namespace) -> None:
     print(f"{'slice':>5} {'cells':>5} {'ours ms':>8} {'brute ms':>9} {'ratio':>6} {'max |diff|':>10}")
     ours_ms, brute_ms = [], []
     for z in slices:
-        ours_ms.append(timeit(lambda: weight_map(labels[z]), repeat=3 if args.quick else 5))
+        ours_ms.append(timeit(functools.partial(weight_map, labels[z]), repeat=3 if args.quick else 5))
         row = f"{z:>5} {ndimage.label(labels[z])[1]:>5} {ours_ms[-1]:>8.1f}"
         if z in brute_slices:  # seconds per slice: timed once
             start = time.perf_counter()
@@ -147,18 +156,21 @@ def bench_augment(args: argparse.Namespace) -> None:
     labels, weights = (images > 0.5).long(), 1 + images
     augmenter = Augmenter(572, 388)
 
-    print(f"augmentation of 572x572 tiles (labels and weights 388x388), device {device}, torch threads {torch.get_num_threads()}")
+    print(f"augmentation of 572x572 tiles (labels and weights 388x388), device {device}, "
+          f"torch threads {torch.get_num_threads()}")
     print(f"{'method':<48} {'batch':>5} {'ms/tile':>9}")
     ours = {}
     for batch in (1, 8):
-        run = lambda: [augmenter(images, labels, weights, batch_size=batch, generator=generator) for _ in range(calls)]
+        run = functools.partial(_repeat, calls, augmenter, images, labels, weights, batch_size=batch,
+                                generator=generator)
         ours[batch] = timeit(run, repeat=repeat, device=device) / (calls * batch)
         print(f"{'ours: Augmenter (bilinear image)':<48} {batch:>5} {ours[batch]:>9.3f}")
     params = augmenter.draw(1, images.shape, generator=generator)
     positions = augmenter.coordinates(params)[0].cpu().numpy()
     source = images[params.slice_index].cpu().numpy()[0]
     for order in (3, 1):
-        ms = timeit(lambda: ndimage.map_coordinates(source, positions, order=order, mode="mirror"), repeat=1 if args.quick else 5)
+        warp = functools.partial(ndimage.map_coordinates, source, positions, order=order, mode="mirror")
+        ms = timeit(warp, repeat=1 if args.quick else 5)
         print(f"{f'scipy map_coordinates, order {order}, image only':<48} {1:>5} {ms:>9.3f}"
               f"   ({ms / ours[1]:.1f}x ours at batch 1, {ms / ours[8]:.1f}x at batch 8)")
 
@@ -226,10 +238,12 @@ def bench_predict(args: argparse.Namespace) -> None:
         if warmup == 0:  # the CPU's one-time set-up of each layout and precision, outside the single timing
             plain(precision, stack[:1])
             predict(model, stack[:1], precision=precision)
-        baselines[precision] = timeit(lambda: plain(precision), repeat=repeat, warmup=warmup, device=device) / slices
-        row("plain: one pass per mirrored slice", precision, baselines[precision], peak(lambda: plain(precision)))
+        baselines[precision] = timeit(functools.partial(plain, precision), repeat=repeat, warmup=warmup,
+                                      device=device) / slices
+        row("plain: one pass per mirrored slice", precision, baselines[precision],
+            peak(functools.partial(plain, precision)))
         for tta in (False, True):
-            run = lambda: predict(model, stack, tta=tta, precision=precision)  # noqa: E731
+            run = functools.partial(predict, model, stack, tta=tta, precision=precision)
             ms = timeit(run, repeat=repeat, warmup=warmup, device=device) / slices
             row(f"predict(tta={tta})", precision, ms, peak(run), passes=8 if tta else 1)
     print("vs fp32 / vs bf16: how many times faster than the plain pass (above 1 is faster; TTA does 8 passes)")
@@ -246,7 +260,7 @@ def bench_predict(args: argparse.Namespace) -> None:
     for side in (600, 1200) if args.quick else (1024, 4096, 10000):
         shapes.clear()
         image = np.random.default_rng(0).integers(0, 256, (side, side), dtype=np.uint8)
-        run = lambda: predict(sweep, image, device=device, **options)  # noqa: E731
+        run = functools.partial(predict, sweep, image, device=device, **options)
         seconds = timeit(run, repeat=1, warmup=0, device=device) / 1e3
         print(f"{f'{side}x{side}':>12} {seconds:>8.1f} {str(max(shapes)):>22} "
               f"{2 * side * side * 4 / 2**30:>10.2f} GiB {peak(run):>9}")
@@ -282,23 +296,28 @@ def bench_metrics(args: argparse.Namespace) -> None:
     values, seconds = {}, {}
     for name, (label_text, _) in metrics.METRICS.items():
         function = getattr(metrics, name)
-        seconds[name] = timeit(lambda: values.__setitem__(name, function(proposal, truth)), repeat=repeat, warmup=0) / 1e3
+        seconds[name] = timeit(functools.partial(_store, values, name, function, proposal, truth), repeat=repeat,
+                               warmup=0) / 1e3
         print(f"{label_text:<18} {values[name]:>10.6f} {seconds[name]:>8.2f}")
     total = timeit(lambda: metrics.evaluate(proposal, truth), repeat=repeat, warmup=0) / 1e3
     print(f"{'all five: evaluate':<18} {'':>10} {total:>8.2f}   (V_rand and V_info share the thinning)")
     objects = [label(mask, connectivity=1) for mask in inside]
     baseline = timeit(
-        lambda: [adapted_rand_error(objects[z], label(proposal[z] > th, connectivity=1)) for th in metrics.SWEEP for z in range(len(truth))],
+        lambda: [adapted_rand_error(objects[z], label(proposal[z] > th, connectivity=1))
+                 for th in metrics.SWEEP for z in range(len(truth))],
         repeat=repeat,
         warmup=0,
     ) / 1e3
-    print(f"Rand error, {len(metrics.SWEEP)} thresholds: ours {seconds['rand_error']:.2f} s, skimage adapted_rand_error "
+    print(f"Rand error, {len(metrics.SWEEP)} thresholds: ours {seconds['rand_error']:.2f} s, "
+          "skimage adapted_rand_error "
           f"{baseline:.2f} s (ratio {baseline / seconds['rand_error']:.1f})")
-    whole = timeit(lambda: values.__setitem__("stack", metrics.warping_error(stack_proposal, stack)), repeat=repeat, warmup=0) / 1e3
+    whole = timeit(functools.partial(_store, values, "stack", metrics.warping_error, stack_proposal, stack),
+                   repeat=repeat, warmup=0) / 1e3
     print(f"warping error of all {len(stack)} slices: {values['stack']:.6f} in {whole:.2f} s")
     masks = [(proposal[z] > th, inside[z]) for th in metrics.SWEEP for z in range(len(truth))]
     thinned = {}
-    ours = timeit(lambda: thinned.__setitem__("ours", [metrics.thin(mask) for mask, _ in masks]), repeat=repeat, warmup=0) / 1e3
+    ours = timeit(lambda: thinned.__setitem__("ours", [metrics.thin(mask) for mask, _ in masks]), repeat=repeat,
+                  warmup=0) / 1e3
     theirs = timeit(lambda: thinned.__setitem__("skimage", [
         watershed(~mask, label(mask, connectivity=1), connectivity=1, watershed_line=True) for mask, _ in masks
     ]), repeat=repeat, warmup=0) / 1e3
@@ -416,7 +435,8 @@ def bench_train(args: argparse.Namespace) -> None:
     rows += [(f"ours, compile={mode!r}", "fast", "bf16", mode, augmenter) for mode in args.compile]
 
     print(f"training step: UNet({', '.join(f'{k}={v}' for k, v in network.items())}), {tile}x{tile} tile, batch 1, on "
-          f"{device} (torch {torch.__version__}, threads {torch.get_num_threads()}); {step_flops / 1e12:.3g} TFLOP per step; "
+          f"{device} (torch {torch.__version__}, threads {torch.get_num_threads()}); "
+          f"{step_flops / 1e12:.3g} TFLOP per step; "
           f"measured peak {peak / 1e12:.3g} TFLOP/s ({peak_dtype} matrix product), "
           f"floor {step_flops / peak * 1e3:.2f} ms; median of {repeat} after {warmup} warm-up")
     print(f"{'method':<44} {'ms/step':>9} {'TFLOP/s':>8} {'vs fp32':>8} {'vs bf16':>8} {'x floor':>8} {'peak GPU':>9}")
@@ -446,12 +466,13 @@ def bench_train(args: argparse.Namespace) -> None:
         return logits.detach().double(), torch.cat([p.grad.flatten() for p in model.parameters()]).double()
     exact = outputs(dataclasses.replace(base, engine="plain"), torch.float64)
     relative = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
-    print(f"\none step on the fixed tile (dropout off) against the float64 step: ||a - b|| / ||b||")
+    print("\none step on the fixed tile (dropout off) against the float64 step: ||a - b|| / ||b||")
     print(f"{'engine, precision':<24} {'logits':>9} {'gradients':>10}")
     for engine_name in ("plain", "fast"):
         for precision in ("fp32", "bf16"):
             logits, gradients = outputs(dataclasses.replace(base, engine=engine_name, precision=precision))
-            print(f"{f'{engine_name}, {precision}':<24} {relative(logits, exact[0]):>9.2e} {relative(gradients, exact[1]):>10.2e}")
+            print(f"{f'{engine_name}, {precision}':<24} {relative(logits, exact[0]):>9.2e} "
+                  f"{relative(gradients, exact[1]):>10.2e}")
 
 
 def _peak_rss() -> int:
@@ -518,8 +539,8 @@ def bench_volume(args: argparse.Namespace) -> None:
                   else local_cluster(workers, device="cpu", **options)) as cluster, cluster.get_client() as client:
                 client.run(importlib.import_module, "ronneberger2015.volume")
                 start = time.perf_counter()
-                out = predict_volume(model, f"{scratch}/in{slices}.zarr", f"{scratch}/out{index}.zarr", output_tile=tile,
-                                     scheduler=cluster.scheduler_address)
+                out = predict_volume(model, f"{scratch}/in{slices}.zarr", f"{scratch}/out{index}.zarr",
+                                     output_tile=tile, scheduler=cluster.scheduler_address)
                 seconds = time.perf_counter() - start
                 peaks = sorted(client.run(_peak_rss).values())
             rates.append(slices * side * side / seconds / 1e6 / workers)
@@ -551,10 +572,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reproduce.benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("which", choices=sorted(BENCHMARKS))
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--data-dir", default=None, help="ISBI 2012 folder (default: $ISBI2012_DIR, then data/isbi2012)")
+    parser.add_argument("--data-dir", default=None,
+                        help="ISBI 2012 folder (default: $ISBI2012_DIR, then data/isbi2012)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes (seconds, for CI)")
     parser.add_argument("--base-channels", type=int, metavar="N",
-                        help="train, threads: the network's width (default: 64 on a GPU, 16 on the CPU, 4 with --quick)")
+                        help="train, threads: the network's width (default: 64 on a GPU, 16 on the CPU, "
+                             "4 with --quick)")
     parser.add_argument("--compile", nargs="*", default=[], metavar="MODE",
                         help="train: also time the fast bf16 step with torch.compile in these modes "
                              "(default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs)")

@@ -33,8 +33,8 @@ from ronneberger2015 import io
 from ronneberger2015.commandline import renamed, set_threads
 from ronneberger2015.data import load_isbi
 from ronneberger2015.metrics import evaluate
-from ronneberger2015.tiling import predict
 from ronneberger2015.runtime import resolve_device
+from ronneberger2015.tiling import predict
 from ronneberger2015.training import TrainingDiverged, add_training_options, config_from_args, train
 
 HELD_OUT = slice(20, 30)
@@ -79,7 +79,8 @@ def overlay(image: np.ndarray, truth: np.ndarray, probability: np.ndarray, path:
     errors[~predicted & (truth > 0)] = (0.2, 0.4, 1.0)
     figure = Figure(figsize=(16, 4.4), layout="constrained")
     axes = figure.subplots(1, 4)
-    panels = [(image, "image"), (truth, "truth (white: cell)"), (probability, "P(cell interior)"), (errors, "errors at 0.5")]
+    panels = [(image, "image"), (truth, "truth (white: cell)"), (probability, "P(cell interior)"),
+              (errors, "errors at 0.5")]
     for axis, (panel, name) in zip(axes, panels):
         axis.imshow(panel, cmap="gray", vmin=0, vmax=panel.max() if panel.ndim == 2 else None)
         axis.set_title(name)

@@ -56,6 +56,7 @@ def set_threads(threads: int | None, *, note_if_busy: bool = False) -> None:
         return
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if note_if_busy and torch.get_num_threads() > 1 and load >= cores:
-        print(f"note: the load average ({load:.1f}) already reaches the {cores} cores; torch's {torch.get_num_threads()} "
+        print(f"note: the load average ({load:.1f}) already reaches the {cores} cores; "
+              f"torch's {torch.get_num_threads()} "
               "threads then wait on each other: --threads 1 is often several times faster (docs/performance.md)",
               file=sys.stderr)

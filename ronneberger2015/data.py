@@ -174,7 +174,8 @@ def fetch(directory: str | os.PathLike | None = None, *, url: str = URL, force: 
         try:
             _download(url, archive)
         except OSError as error:
-            raise DataError(f"could not download {url} ({error}); download it by hand and point ISBI2012_DIR at the unpacked folder") from error
+            raise DataError(f"could not download {url} ({error}); download it by hand and point ISBI2012_DIR at "
+                            "the unpacked folder") from error
         try:
             with zipfile.ZipFile(archive) as zipped:
                 members = {Path(info.filename).name: info for info in zipped.infolist() if not info.is_dir()}

@@ -136,7 +136,8 @@ def _prepare(proposal, truth) -> tuple[np.ndarray, np.ndarray]:
     proposal = _probabilities(proposal)
     truth = np.asarray(truth)
     if proposal.shape != truth.shape:
-        raise ValueError(f"proposal shape {proposal.shape} and truth shape {truth.shape} differ; pass one probability per truth pixel")
+        raise ValueError(f"proposal shape {proposal.shape} and truth shape {truth.shape} differ; "
+                         "pass one probability per truth pixel")
     if proposal.ndim not in (2, 3):
         raise ValueError(f"expected a 2D image or a (Z, H, W) stack, got shape {proposal.shape}")
     if truth.dtype.kind not in "biuf":
@@ -690,8 +691,10 @@ def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
                         "or a stack) or a folder of them")
     parser.add_argument("truth", type=Path, help="labels, 0 = membrane/background, nonzero = cell: a binary mask or "
                         "instance ids (scored against their separated mask), as a file or folder")
-    parser.add_argument("--membrane", action="store_true", help="the proposal is a membrane probability; score 1 - proposal")
-    parser.add_argument("--slices", metavar="A-B", help="score only slices A to B of a stack (0-based, inclusive), e.g. 20-29")
+    parser.add_argument("--membrane", action="store_true",
+                        help="the proposal is a membrane probability; score 1 - proposal")
+    parser.add_argument("--slices", metavar="A-B",
+                        help="score only slices A to B of a stack (0-based, inclusive), e.g. 20-29")
     reading = parser.add_mutually_exclusive_group()
     reading.add_argument("--instances", action="store_const", const=True, dest="instances",
                          help="read the truth as cell ids even if it holds one nonzero value")
@@ -722,7 +725,8 @@ def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
         print("warning: the proposal is higher where the truth is 0 than where it is nonzero: either the proposal "
               "is a membrane probability (pass --membrane), or the truth marks membrane as nonzero (the convention "
               "is nonzero = cell interior: invert the labels)", file=sys.stderr)
-    overlap = {name: function(proposal, truth, threshold=args.threshold) for name, function in (("iou", iou), ("dice", dice))}
+    overlap = {"iou": iou(proposal, truth, threshold=args.threshold),
+               "dice": dice(proposal, truth, threshold=args.threshold)}
     by_threshold = {float(th): iou(proposal, truth, threshold=th) for th in WARPING_SWEEP}
     best = max(by_threshold, key=by_threshold.get)
     if args.json:

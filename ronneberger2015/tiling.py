@@ -31,9 +31,9 @@ from torch import nn
 from tqdm import tqdm
 
 from .io import image_to_float, load_checkpoint, output_files, read_images, write_image
-from .segmentation import label_cells, mask
 from .network import UNet, input_size, output_size
 from .runtime import BYTES, PRECISIONS, autocast, check_precision, resolve_device
+from .segmentation import label_cells, mask
 
 __all__ = ["predict", "load_model", "DEFAULT_MEMORY_BUDGET", "DIHEDRAL"]
 
@@ -76,7 +76,8 @@ def _largest_tile(depth: int, border: int, pixel_bytes: int, budget: int) -> int
     while tile >= 2**depth and _cover(tile, depth) != tile:
         tile -= 1
     if tile < 2**depth:
-        raise ValueError(f"memory_budget {budget} bytes does not hold one tile's forward pass; raise it or give output_tile=")
+        raise ValueError(f"memory_budget {budget} bytes does not hold one tile's forward pass; "
+                         "raise it or give output_tile=")
     return tile
 
 
@@ -338,7 +339,8 @@ def _predict_spans(model: UNet, canvases: Iterable[np.ndarray], slices: int, row
 def _require_finite(probabilities: np.ndarray) -> np.ndarray:
     """``probabilities``, or ``FloatingPointError`` where the network's output is not finite (broken weights)."""
     if not np.isfinite(probabilities).all():
-        raise FloatingPointError(f"the network's output is not finite at {np.count_nonzero(~np.isfinite(probabilities))} "
+        raise FloatingPointError("the network's output is not finite at "
+                                 f"{np.count_nonzero(~np.isfinite(probabilities))} "
                                  "of its values: its weights are broken (e.g. by a diverged training run)")
     return probabilities
 

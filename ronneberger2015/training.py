@@ -46,7 +46,8 @@ from .tiling import predict
 from .validation import SCORES, Validation, diagnose, improves, validate, validation_set
 from .weightmap import label_reading, target_and_weights
 
-__all__ = ["TrainConfig", "PRESETS", "ENGINES", "COMPILE_MODES", "RESUMABLE", "forward_and_optimizer", "train", "training_step",
+__all__ = ["TrainConfig", "PRESETS", "ENGINES", "COMPILE_MODES", "RESUMABLE", "forward_and_optimizer", "train",
+           "training_step",
            "TrainingDiverged", "TrainingWarning", "read_log", "plot_loss", "add_training_options", "config_from_args",
            "cli"]
 
@@ -560,7 +561,8 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     schedule.add_argument("--seed", type=int, help="run seed")
     execution = parser.add_argument_group("execution")
     execution.add_argument("--precision", choices=PRECISIONS, help="fp32 (reference) or bf16 autocast")
-    execution.add_argument("--engine", choices=ENGINES, help="fast (channels_last, fused SGD) or plain (torch's defaults)")
+    execution.add_argument("--engine", choices=ENGINES,
+                           help="fast (channels_last, fused SGD) or plain (torch's defaults)")
     execution.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile the network in this mode")
     execution.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     add_threads(execution)
@@ -571,7 +573,8 @@ def config_from_args(args: argparse.Namespace, preset: str) -> TrainConfig:
     base = PRESETS[preset]
     network = {**base.network, **{k: v for k, v in (("base_channels", args.base_channels), ("depth", args.depth))
                                   if v is not None}}
-    overrides = {"iterations": args.iterations, "input_tile": args.input_tile, "learning_rate": args.lr, "seed": args.seed,
+    overrides = {"iterations": args.iterations, "input_tile": args.input_tile, "learning_rate": args.lr,
+                 "seed": args.seed,
                  "precision": args.precision, "engine": args.engine, "compile": args.compile, "w0": args.w0,
                  "sigma": args.sigma, "class_balance": args.class_balance, "network": network}
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})

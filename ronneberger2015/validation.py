@@ -41,7 +41,8 @@ NEAR_CONSTANT = 0.05
 (a network that has learned the ISBI membranes: about 0.4; one that predicts a class frequency: < 0.01)."""
 
 LOSS_FALL = 0.9
-"""The loss has "not fallen" when its mean over the last tenth of the run is above this fraction of the first tenth's."""
+"""The loss has "not fallen" when its mean over the last tenth of the run is above this fraction of the first
+tenth's."""
 
 
 class Validation(NamedTuple):

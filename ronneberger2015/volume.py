@@ -26,7 +26,6 @@ import functools
 import hashlib
 import os
 import shutil
-import sys
 import threading
 import uuid
 from pathlib import Path
@@ -37,10 +36,9 @@ from tqdm import tqdm
 
 from .io import image_to_float
 from .network import UNet
-from .runtime import PRECISIONS
 from .tiling import DEFAULT_MEMORY_BUDGET, _predict_spans, _require_finite, _spans, _tile_sides, load_model
 
-__all__ = ["predict_volume", "local_cluster", "cli", "names_zarr", "DTYPES"]
+__all__ = ["predict_volume", "local_cluster", "add_options", "run", "is_zarr", "DTYPES"]
 
 EXTRA = "pip install 'ronneberger2015[volume]'"
 DTYPES = ("float32", "uint8")

@@ -290,7 +290,8 @@ def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
                          help="read the labels as cell ids even if they hold one nonzero value")
     reading.add_argument("--binary", action="store_const", const=False, dest="instances",
                          help="read the labels as a mask (nonzero = cell) even if they hold several values")
-    add("--no-class-balance", dest="class_balance", action="store_false", help="w_c = 1 instead of N / (K N_class), K the classes present")
+    add("--no-class-balance", dest="class_balance", action="store_false",
+        help="w_c = 1 instead of N / (K N_class), K the classes present")
     add("--preview", type=Path, metavar="PNG", help="also save a PNG: image | mask | weight map with colour bar")
     add("--image", type=Path, help="the raw image or stack for the preview's first panel")
     add("--preview-slice", type=int, default=0, metavar="Z", help="stack slice shown in the preview (default 0)")

