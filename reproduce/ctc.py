@@ -55,8 +55,8 @@ PAPER = {
 PRESETS = {
     # The paper's network, tile and recipe (Fig. 1, Sec. 3), for a GPU; best.pt by held-out SEG.
     "paper": dataclasses.replace(TRAINING["paper"], select_by="seg", instances=True),
-    # Minutes on two CPU cores: an 8-channel network on 252 tiles. Not the paper's schedule.
-    "cpu": TrainConfig(iterations=1500, input_tile=252, learning_rate=3e-4, log_every=25, checkpoint_every=500,
+    # Minutes on two CPU cores: an 8-channel network on 316 tiles (132 px out). Not the paper's schedule.
+    "cpu": TrainConfig(iterations=1500, input_tile=316, learning_rate=3e-4, log_every=25, checkpoint_every=500,
                        validate_every=0, select_by="seg", instances=True,
                        network=dict(base_channels=8, depth=4, dropout=0.5, variant="paper")),
     # A pipeline check of about a minute.
@@ -65,8 +65,9 @@ PRESETS = {
                          network=dict(base_channels=8, depth=4, dropout=0.5, variant="paper")),
 }
 PRESET_NOTES = {
-    "cpu": "NOTE: cpu preset: an 8-channel network (the paper's: 64) on 252 tiles for 1,500 iterations, minutes on "
-           "two cores. NOT the paper's schedule; its scores are not the paper's (docs/results.md).",
+    "cpu": "NOTE: cpu preset: an 8-channel network (the paper's: 64) on 316 tiles for 1,500 iterations, about ten "
+           "minutes per direction on two cores. NOT the paper's schedule; its scores are not the paper's "
+           "(docs/results.md).",
     "smoke": "NOTE: smoke preset: a pipeline check of about a minute; its scores say nothing about U-Net.",
 }
 NORMALISATIONS = ("stretch", "none")
@@ -104,7 +105,7 @@ def directions(name: str, directory: str | None) -> list[tuple[ctc.Annotated, ct
 
 
 def describe(part: ctc.Annotated) -> str:
-    """'02' for a whole sequence, '02 t010-t049' for part of one."""
+    """The sequence and its first and last annotated frame used, e.g. '02 t010-t049'."""
     return f"{part.sequence} t{part.frames[0]:03d}-t{part.frames[-1]:03d}"
 
 
