@@ -152,7 +152,10 @@ def table(name: str, rows: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reproduce.ctc", description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=tuple(ctc.DATASETS), help="the data set of Table 2")
-    add_training_options(parser)
+    add_training_options(parser, "starting settings: paper (Fig. 1 network, 572 tiles, 8-fold test-time "
+                         "augmentation, for a GPU; the default there), cpu (8 channels, 316 tiles, 1,500 iterations, "
+                         "about ten minutes per direction on two cores; the default without a GPU), smoke (a "
+                         "pipeline check); docs/results.md")
     parser.add_argument("-o", "--output", type=Path, help="run folder (default: runs/NAME-PRESET-seedSEED)")
     renamed(parser, "--out", "--output", dest="output", type=Path)
     parser.add_argument("--data-dir", help="folder holding NAME/ in the challenge's layout (default: $CTC_DIR, "

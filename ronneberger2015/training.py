@@ -545,12 +545,13 @@ def _loop(run: _Run, validation: Validation | None, started: float, progress: bo
 # Command line
 
 
-def add_training_options(parser: argparse.ArgumentParser) -> None:
-    """The options that set a ``TrainConfig`` from a preset: shared by ``train`` and the replays."""
+def add_training_options(parser: argparse.ArgumentParser, presets_help: str | None = None) -> None:
+    """The options that set a ``TrainConfig`` from a preset: shared by ``train`` and the replays (a replay with
+    presets of its own, of the same names, describes them in ``presets_help``)."""
     add = parser.add_argument
     add("--preset", choices=sorted(PRESETS),
-        help="starting settings: paper (Fig. 1 network, 572 tiles, for a GPU), cpu (16 channels, about an hour on "
-             "two cores), smoke (8 channels, 252 tiles, minutes); docs/training.md lists each")
+        help=presets_help or "starting settings: paper (Fig. 1 network, 572 tiles, for a GPU), cpu (16 channels, "
+             "about an hour on two cores), smoke (8 channels, 252 tiles, minutes); docs/training.md lists each")
     network = parser.add_argument_group("network (Sec. 2)")
     network.add_argument("--base-channels", type=int, metavar="N", help="channels of the first level (paper: 64)")
     network.add_argument("--depth", type=int, metavar="N", help="number of poolings (paper: 4)")
