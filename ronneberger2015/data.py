@@ -14,7 +14,8 @@ uint8 array bytes, which do not depend on how the TIFF is encoded).
 
 Command line: ``python -m ronneberger2015.data fetch [--data-dir DIR]`` downloads
 and verifies the public archive; ``python -m ronneberger2015.data verify``
-checks a copy.
+checks a copy. ``python -m ronneberger2015.data fetch ctc NAME`` fetches a data
+set of the cell tracking challenge instead (``ronneberger2015.ctc``).
 """
 from __future__ import annotations
 
@@ -130,17 +131,18 @@ def load_isbi(directory: str | os.PathLike | None = None, *, verify: bool = True
     return IsbiData(*(load(name, directory, verify=verify) for name in FILES))
 
 
-def _download(url: str, target: Path) -> None:
+def download(url: str, target: Path, what: str) -> None:
+    """Save ``url`` as ``target`` with a progress bar named ``what``."""
     with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc="ISBI 2012 archive") as bar:
+        with tqdm(total=total, unit="B", unit_scale=True, desc=what) as bar:
             while chunk := response.read(1 << 20):
                 out.write(chunk)
                 bar.update(len(chunk))
 
 
 @contextlib.contextmanager
-def _new_folders(folder: Path):
+def new_folders(folder: Path):
     """Create ``folder`` (and missing parents) for the duration; on failure remove those it created, if empty."""
     created = [p for p in (folder, *folder.parents) if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
@@ -169,10 +171,10 @@ def fetch(directory: str | os.PathLike | None = None, *, url: str = URL, force: 
             return folder
         except DataError:
             pass
-    with _new_folders(folder.parent), tempfile.TemporaryDirectory(prefix=".isbi2012-", dir=folder.parent) as tmp:
+    with new_folders(folder.parent), tempfile.TemporaryDirectory(prefix=".isbi2012-", dir=folder.parent) as tmp:
         archive = Path(tmp) / "archive.zip"
         try:
-            _download(url, archive)
+            download(url, archive, "ISBI 2012 archive")
         except OSError as error:
             raise DataError(f"could not download {url} ({error}); download it by hand and point ISBI2012_DIR at "
                             "the unpacked folder") from error
@@ -195,20 +197,38 @@ def fetch(directory: str | os.PathLike | None = None, *, url: str = URL, force: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ronneberger2015.data", description="ISBI 2012 data")
+    from . import ctc  # it builds on this module
+
+    parser = argparse.ArgumentParser(prog="python -m ronneberger2015.data",
+                                     description="ISBI 2012 data; the cell tracking challenge's with fetch ctc NAME")
     sub = parser.add_subparsers(dest="command", required=True)
-    get = sub.add_parser("fetch", help=f"download and verify the archive ({URL})")
-    get.add_argument("--data-dir", default=None, help=f"target folder (default: $ISBI2012_DIR, then {DEFAULT_DIR})")
+    get = sub.add_parser("fetch", help=f"download and verify the archive ({URL}), or with `ctc NAME` a data set of "
+                         "the cell tracking challenge")
+    get.add_argument("dataset", nargs="?", choices=("isbi2012", "ctc"), default="isbi2012",
+                     help="isbi2012 (default) or ctc, the cell tracking challenge")
+    get.add_argument("name", nargs="?", help=f"with ctc: the data set, one of {', '.join(ctc.DATASETS)}")
+    get.add_argument("--data-dir", default=None, help=f"target folder (default: $ISBI2012_DIR, then {DEFAULT_DIR}; "
+                     f"for ctc $CTC_DIR, then {ctc.DEFAULT_DIR})")
     renamed(get, "--dir", "--data-dir", dest="data_dir")
-    get.add_argument("--url", default=URL, help="archive address (default: the public mirror)")
+    get.add_argument("--url", help="archive address (default: the public mirror, or the challenge's archive)")
+    get.add_argument("--sha256", default="published", help="with ctc: the archive's expected sha256 (default: the "
+                     "published one; 'any' skips the check)")
     get.add_argument("--force", action="store_true", help="download even if a valid copy is there")
     check = sub.add_parser("verify", help="check a copy against the published pixel checksums")
     check.add_argument("--data-dir", default=None, help="folder (default: $ISBI2012_DIR, then data/isbi2012)")
     renamed(check, "--dir", "--data-dir", dest="data_dir")
     args = parser.parse_args(argv)
+    if args.command == "fetch" and args.dataset == "ctc" and args.name not in ctc.DATASETS:
+        parser.error(f"fetch ctc needs a data set name: {' or '.join(ctc.DATASETS)}")
+    if args.command == "fetch" and args.dataset == "isbi2012" and args.name:
+        parser.error(f"fetch isbi2012 takes no name (got {args.name!r}); did you mean fetch ctc {args.name}?")
     try:
-        if args.command == "fetch":
-            print(f"ISBI 2012 data verified in {fetch(args.data_dir, url=args.url, force=args.force)}")
+        if args.command == "fetch" and args.dataset == "ctc":
+            sha256 = None if args.sha256 == "any" else args.sha256
+            folder = ctc.fetch(args.name, args.data_dir, url=args.url, sha256=sha256, force=args.force)
+            print(f"{args.name} installed and loaded in {folder}")
+        elif args.command == "fetch":
+            print(f"ISBI 2012 data verified in {fetch(args.data_dir, url=args.url or URL, force=args.force)}")
         else:
             load_isbi(args.data_dir)
             print(f"ISBI 2012 data verified in {data_dir(args.data_dir)}")

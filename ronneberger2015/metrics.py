@@ -50,6 +50,8 @@ __all__ = [
     "vinfo",
     "iou",
     "dice",
+    "seg",
+    "Matches",
     "evaluate",
     "METRICS",
     "warp",
@@ -645,6 +647,133 @@ def dice(proposal, truth, *, threshold: float = 0.5) -> float:
 
 
 # ---------------------------------------------------------------------------
+# Cell tracking challenge: the SEG measure (Table 2)
+
+
+@dataclass(frozen=True)
+class Matches:
+    """The terms of SEG: one entry per reference object, ordered by frame, then id.
+
+    ``frames[k]`` and ``ids[k]`` name reference object k; ``matched[k]`` is the
+    id of the segmented object that covers more than half of it (0: none) and
+    ``jaccard[k]`` the Jaccard index of the two (0 where none).
+    """
+
+    frames: np.ndarray
+    ids: np.ndarray
+    matched: np.ndarray
+    jaccard: np.ndarray
+
+    @property
+    def value(self) -> float:
+        return float(self.jaccard.mean())
+
+    def per_frame(self) -> dict[int, float]:
+        """SEG of each frame alone: ``{frame: mean Jaccard index of its reference objects}``."""
+        return {int(z): float(self.jaccard[self.frames == z].mean()) for z in np.unique(self.frames)}
+
+
+def _instances(labels, name: str) -> np.ndarray:
+    """``labels`` as a checked (Z, H, W) int64 stack of cell ids (0 = background)."""
+    labels = np.asarray(labels)
+    if labels.ndim not in (2, 3) or labels.size == 0:
+        raise ValueError(f"{name}: expected an (H, W) image or a (Z, H, W) stack of cell ids, got shape {labels.shape}")
+    if labels.dtype == bool or labels.dtype.kind not in "iuf":
+        raise ValueError(f"{name} dtype {labels.dtype}: SEG needs one integer id per cell (0 = background)")
+    if labels.dtype.kind == "f":
+        if not np.isfinite(labels).all() or (labels != np.round(labels)).any():
+            raise ValueError(f"{name} holds fractions, not cell ids: turn probabilities into cells first "
+                             "(ronneberger2015.label_cells, or evaluate --measure seg --threshold T)")
+    if labels.min() < 0:
+        raise ValueError(f"{name} has negative values; cell ids are positive and 0 is background")
+    labels = labels.astype(np.int64)
+    stack = labels[None] if labels.ndim == 2 else labels
+    values = np.unique(stack)
+    if values.size == 2 and values[0] == 0:  # one value for every cell: a mask, unless each frame has one region
+        pieces = [ndimage.label(frame, FOUR)[1] for frame in stack]
+        if max(pieces) > 1:
+            raise ValueError(f"{name} is a mask, not cell ids: one value ({values[1]}) covers {max(pieces)} separate "
+                             "regions of a frame, which SEG would score as one cell; give each cell its own id "
+                             "(e.g. scipy.ndimage.label)")
+    return stack
+
+
+def _frame_matches(segmentation: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Reference ids, their matched segmented ids (0: none) and Jaccard indices, for one frame."""
+    ids, sizes = np.unique(truth[truth > 0], return_counts=True)
+    both = (truth > 0) & (segmentation > 0)
+    stride = int(segmentation.max()) + 1
+    pairs, overlap = np.unique(truth[both] * stride + segmentation[both], return_counts=True)
+    reference, segmented = np.divmod(pairs, stride)
+    row = np.searchsorted(ids, reference)
+    covers = 2 * overlap > sizes[row]  # |R & S| > 0.5 |R|: at most one S per R
+    row, segmented, overlap = row[covers], segmented[covers], overlap[covers]
+    segmented_sizes = np.bincount(segmentation.ravel(), minlength=stride)[segmented]
+    matched, jaccard = np.zeros(ids.size, np.int64), np.zeros(ids.size)
+    matched[row] = segmented
+    jaccard[row] = overlap / (sizes[row] + segmented_sizes - overlap)
+    return ids, matched, jaccard
+
+
+def seg(segmentation, truth, *, details: bool = False):
+    """SEG, the cell tracking challenge's segmentation measure (Maška et al. 2014; Ulman et al. 2017).
+
+    ``segmentation`` and ``truth`` hold one id per cell (0 = background), as
+    (H, W) or (Z, H, W) frames of one shape. A reference object R (an id of
+    ``truth`` in a frame) is matched by the segmented object S that covers
+    more than half of it, |R & S| > 0.5 |R| (at most one S can); its score is
+    the Jaccard index |R & S| / |R | S|, and 0 where no S matches. SEG is the
+    mean over all reference objects of all frames. Segmented objects that
+    match nothing cost nothing. With ``details`` returns ``(value, Matches)``.
+    """
+    segmentation, truth = _instances(segmentation, "segmentation"), _instances(truth, "truth")
+    if segmentation.shape != truth.shape:
+        raise ValueError(f"segmentation shape {segmentation.shape} and truth shape {truth.shape} differ; "
+                         "give one segmented frame per annotated frame")
+    empty = [z for z, frame in enumerate(truth) if not frame.any()]
+    if empty:
+        raise ValueError(f"truth frame(s) {empty} hold no reference object: SEG averages over reference objects "
+                         "and is undefined for them; leave unannotated frames out")
+    columns = []
+    for z, (proposed, reference) in enumerate(zip(segmentation, truth)):
+        ids, matched, jaccard = _frame_matches(proposed, reference)
+        columns.append((np.full(ids.size, z), ids, matched, jaccard))
+    matches = Matches(*(np.concatenate(column) for column in zip(*columns)))
+    return (matches.value, matches) if details else matches.value
+
+
+def _seg_command(proposal: np.ndarray, truth: np.ndarray, args: argparse.Namespace) -> int:
+    """``evaluate --measure seg``: SEG and the foreground IOU of cell ids, or of probabilities at ``--threshold``."""
+    from .segmentation import label_cells
+
+    if args.slices:
+        chosen = _slice_range(args.slices, len(proposal))
+        proposal, truth = proposal[chosen], truth[chosen]
+    if proposal.dtype.kind == "f":
+        proposal = _probabilities(proposal)
+        cells = label_cells(1.0 - proposal if args.membrane else proposal, args.threshold)
+        source = f"cells: 4-connected components of P(cell) > {args.threshold:g}"
+    else:
+        cells, source = proposal, "cells: the ids as given"
+    if args.instances is False:
+        truth = label_cells((np.asarray(truth) > 0).astype(np.float32))
+    value, matches = seg(cells, truth, details=True)
+    overlap = iou((cells > 0).astype(np.float32), truth > 0)
+    counts = {"objects": int(matches.ids.size), "matched": int(np.count_nonzero(matches.matched)),
+              "frames": len(truth)}
+    if args.json:
+        print(json.dumps({"seg": {"value": value, **counts}, "iou": {"value": overlap},
+                          "seg_by_frame": matches.per_frame()}, indent=2))
+        return 0
+    print(f"{'measure':<18} {'value':>10}  better")
+    print(f"{'SEG':<18} {value:>10.7f}  higher   {counts['matched']} of {counts['objects']} reference objects "
+          f"matched in {counts['frames']} frame(s)")
+    print(f"{'foreground IOU':<18} {overlap:>10.7f}  higher")
+    print(source)
+    return 0
+
+
+# ---------------------------------------------------------------------------
 # All five, and the command line
 
 METRICS = {
@@ -703,12 +832,18 @@ def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=0.5, metavar="T",
                         help="P(cell) > T is cell for the IOU and Dice (default 0.5)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--measure", choices=("isbi", "seg"), default="isbi",
+                        help="isbi (default): the five ISBI 2012 metrics, foreground IOU and Dice; seg: the cell "
+                        "tracking challenge's SEG and foreground IOU of cell ids (the proposal: ids, or "
+                        "probabilities cut at --threshold) against instance truth")
     args = parser.parse_args(argv)
     proposal, truth = (read_images(path)[0] for path in (args.proposal, args.truth))
     if proposal.shape != truth.shape:
         raise ValueError(f"the proposal ({len(proposal)} slice(s) of {proposal.shape[1]}x{proposal.shape[2]}) and "
                          f"the truth ({len(truth)} of {truth.shape[1]}x{truth.shape[2]}) differ; give one "
                          "probability map per label image")
+    if args.measure == "seg":
+        return _seg_command(proposal, truth, args)
     proposal = _probabilities(proposal)
     if args.membrane:
         proposal = 1.0 - proposal

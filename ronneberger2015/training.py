@@ -221,13 +221,18 @@ def _stacks(images: np.ndarray, labels: np.ndarray, config: TrainConfig, device:
 
 
 def _validation(validation, config: TrainConfig) -> Validation | None:
-    """The validation images and the binary target of their labels, read as the training labels are."""
+    """The validation images, the binary target of their labels and, for instance labels, the ids (scored
+    with SEG), read as the training labels are."""
     if validation is None:
         return None
     images, labels = validation
     io.image_to_float(np.asarray(images))  # the same checks as the training images, before any training
     target = target_and_weights(labels, w0=0.0, instances=config.instances, class_balance=False)[0]
-    return validation_set(images, target)
+    cells = np.asarray(labels) if label_reading(labels, config.instances).instances else None
+    if config.select_by == "seg" and cells is None:
+        raise ValueError("select_by seg scores cells against their ids: give instance labels (one id per cell) "
+                         "for validation, or choose another score")
+    return validation_set(images, target, cells)
 
 
 # ---------------------------------------------------------------------------
@@ -303,7 +308,9 @@ def plot_loss(rows: list[dict], path: Path, title: str = "training loss") -> Non
     if validated:
         at = [r["iteration"] for r in validated]
         for name, shown in (("vrand", "V_rand"), ("vinfo", "V_info"), ("rand_error", "1 - Rand error"),
-                            ("pixel_error", "1 - pixel error"), ("iou", "foreground IOU")):
+                            ("pixel_error", "1 - pixel error"), ("iou", "foreground IOU"), ("seg", "SEG")):
+            if name not in validated[0]:
+                continue
             values = [r[name] if SCORES[name] == "higher" else 1 - r[name] for r in validated]
             axes[1].plot(at, values, marker="o", ms=3, label=shown)
         axes[1].set(ylabel="validation score (higher is better)")
@@ -539,12 +546,13 @@ def _loop(run: _Run, validation: Validation | None, started: float, progress: bo
 # Command line
 
 
-def add_training_options(parser: argparse.ArgumentParser) -> None:
-    """The options that set a ``TrainConfig`` from a preset: shared by ``train`` and the replays."""
+def add_training_options(parser: argparse.ArgumentParser, presets_help: str | None = None) -> None:
+    """The options that set a ``TrainConfig`` from a preset: shared by ``train`` and the replays (a replay with
+    presets of its own, of the same names, describes them in ``presets_help``)."""
     add = parser.add_argument
     add("--preset", choices=sorted(PRESETS),
-        help="starting settings: paper (Fig. 1 network, 572 tiles, for a GPU), cpu (16 channels, about an hour on "
-             "two cores), smoke (8 channels, 252 tiles, minutes); docs/training.md lists each")
+        help=presets_help or "starting settings: paper (Fig. 1 network, 572 tiles, for a GPU), cpu (16 channels, "
+             "about an hour on two cores), smoke (8 channels, 252 tiles, minutes); docs/training.md lists each")
     network = parser.add_argument_group("network (Sec. 2)")
     network.add_argument("--base-channels", type=int, metavar="N", help="channels of the first level (paper: 64)")
     network.add_argument("--depth", type=int, metavar="N", help="number of poolings (paper: 4)")
@@ -568,9 +576,9 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     add_threads(execution)
 
 
-def config_from_args(args: argparse.Namespace, preset: str) -> TrainConfig:
-    """``PRESETS[preset]`` with the options of ``add_training_options`` that were given."""
-    base = PRESETS[preset]
+def config_from_args(args: argparse.Namespace, preset: str, presets: dict[str, TrainConfig] = PRESETS) -> TrainConfig:
+    """``presets[preset]`` with the options of ``add_training_options`` that were given."""
+    base = presets[preset]
     network = {**base.network, **{k: v for k, v in (("base_channels", args.base_channels), ("depth", args.depth))
                                   if v is not None}}
     overrides = {"iterations": args.iterations, "input_tile": args.input_tile, "learning_rate": args.lr,
@@ -613,7 +621,7 @@ def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
     validation.add_argument("--validate-every", type=int, metavar="N", help="iterations between validations "
                             "(default: the preset's, 1000 for paper and cpu; 0: at the end only)")
     validation.add_argument("--select-by", choices=sorted(SCORES), help="the validation score that chooses best.pt "
-                            "(default vrand)")
+                            "(default vrand; seg needs instance labels)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint; "
                         "--iterations and --lr may change")
     args = parser.parse_args(argv)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import metrics
+from .segmentation import label_cells
 from .tiling import predict
 
 __all__ = ["SCORES", "Validation", "validation_set", "validate", "improves", "diagnose"]
@@ -33,8 +34,10 @@ SCORES = {
     "warping_error": "lower",
     "iou": "higher",
     "dice": "higher",
+    "seg": "higher",
 }
-"""The validation scores, each with the direction that is better; any of them can choose ``best.pt``."""
+"""The validation scores, each with the direction that is better; any of them can choose ``best.pt``
+("seg", the cell tracking challenge's SEG, only with instance labels)."""
 
 NEAR_CONSTANT = 0.05
 """A cell probability whose standard deviation over the images is below this is called near-constant
@@ -46,22 +49,26 @@ tenth's."""
 
 
 class Validation(NamedTuple):
-    """Held-out images (Z, H, W) and their binary cell-interior truth (the separated training target)."""
+    """Held-out images (Z, H, W), their binary cell-interior truth (the separated training target) and, for
+    instance labels, their cell ids (the truth of SEG; None for binary labels)."""
 
     images: np.ndarray
     truth: np.ndarray
+    cells: np.ndarray | None = None
 
 
-def validation_set(images: np.ndarray, target: np.ndarray) -> Validation:
+def validation_set(images: np.ndarray, target: np.ndarray, cells: np.ndarray | None = None) -> Validation:
     """Checked validation data: one truth slice per image, each with cell interior and background.
 
     ``target`` is the binary training target of the validation labels (cells
-    separated as for training). The ISBI scores are undefined on a slice
+    separated as for training); ``cells`` the labels themselves where they are
+    instance ids, scored with SEG. The ISBI scores are undefined on a slice
     without cells, so such a slice is refused before any training starts.
     """
     images, target = np.asarray(images), np.asarray(target)
     if images.ndim == 2:
         images, target = images[None], target[None]
+        cells = None if cells is None else np.asarray(cells)[None]
     if images.ndim != 3 or images.shape != target.shape:
         raise ValueError(f"validation images and labels must be (H, W) or (Z, H, W) of one shape, "
                          f"got {images.shape} and {target.shape}")
@@ -70,7 +77,9 @@ def validation_set(images: np.ndarray, target: np.ndarray) -> Validation:
     if empty:
         raise ValueError(f"validation slice(s) {empty} have no cell: their scores are undefined; "
                          "leave them out of the validation data")
-    return Validation(images, truth)
+    if cells is not None:
+        metrics.seg(cells, cells)  # the checks of SEG's truth, before any training
+    return Validation(images, truth, cells)
 
 
 def validate(model: torch.nn.Module, validation: Validation, *, device: torch.device,
@@ -80,12 +89,16 @@ def validate(model: torch.nn.Module, validation: Validation, *, device: torch.de
     Prediction is overlap-tile with mirroring (Fig. 2), without test-time
     augmentation; the five ISBI 2012 metrics come from ``metrics.evaluate``,
     foreground IOU and Dice from ``metrics.iou`` and ``metrics.dice`` at
-    ``threshold``. Like ``predict``, it leaves the weights channels_last.
+    ``threshold``; with cell ids, SEG (``metrics.seg``) of the cells
+    ``label_cells`` finds at ``threshold``. Like ``predict``, it leaves the
+    weights channels_last.
     """
     probabilities = predict(model, validation.images, device=device, precision=precision)[:, 1]
     scores = metrics.evaluate(probabilities, validation.truth)
     scores["iou"] = metrics.iou(probabilities, validation.truth, threshold=threshold)
     scores["dice"] = metrics.dice(probabilities, validation.truth, threshold=threshold)
+    if validation.cells is not None:
+        scores["seg"] = metrics.seg(label_cells(probabilities, threshold), validation.cells)
     scores["output_std"] = float(probabilities.std())
     return scores
 

@@ -1,10 +1,15 @@
-"""Shared fixtures: the ISBI 2012 folder, and deterministic torch on the CPU."""
+"""Shared fixtures: the ISBI 2012 and cell tracking challenge folders, a loopback HTTP server, a synthetic\ncell tracking data set, and deterministic torch on the CPU."""
 from __future__ import annotations
 
+import functools
+import http.server
 import os
+import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tifffile
 import torch
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -31,3 +36,57 @@ def isbi(isbi_dir):
     from ronneberger2015.data import load_isbi
 
     return load_isbi(isbi_dir)
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A throw-away HTTP server on 127.0.0.1 serving ``tmp_path / "www"``."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="session")
+def ctc_dir() -> Path:
+    """The cell tracking challenge folder (PhC-C2DH-U373 sequence 02 with GT, DIC-C2DH-HeLa sequence 01 with
+    silver truth). Skips only when ``CTC_DIR`` is not set; fails when it is set but the files are not there."""
+    configured = os.environ.get("CTC_DIR")
+    if not configured:
+        pytest.skip("cell tracking challenge frames not found: set CTC_DIR to a folder in the challenge's layout")
+    directory = Path(configured)
+    needed = ["PhC-C2DH-U373/02_GT/SEG/man_seg010.tif", "PhC-C2DH-U373/02/t010.tif",
+              "DIC-C2DH-HeLa/01_ST/SEG/man_seg000.tif", "DIC-C2DH-HeLa/01/t000.tif"]
+    missing = [name for name in needed if not (directory / name).is_file()]
+    assert not missing, f"CTC_DIR={configured} lacks {missing}"
+    return directory
+
+
+def synthetic_ctc(folder: Path, name: str = "PhC-C2DH-U373", *, frames: int = 4, size=(96, 120), seed: int = 0) -> Path:
+    """A small data set in the challenge's layout under ``folder / name``: sequences 01 and 02, bright discs
+    (some touching) on a noisy background, LZW-compressed uint8 frames, uint16 gold truth of every other frame
+    (partial: the last disc of each frame is left unlabelled). Returns ``folder / name``."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[: size[0], : size[1]]
+    for sequence in ("01", "02"):
+        (folder / name / sequence).mkdir(parents=True)
+        (folder / name / f"{sequence}_GT" / "SEG").mkdir(parents=True)
+        for t in range(frames):
+            labels = np.zeros(size, np.uint16)
+            centres = [(rng.integers(20, size[0] - 20), rng.integers(20, size[1] - 20)) for _ in range(4)]
+            centres[1] = (centres[0][0], centres[0][1] + 22)  # touches cell 1
+            for cell, (y, x) in enumerate(centres, start=1):
+                labels[(rows - y) ** 2 + (cols - x) ** 2 < 12 ** 2] = cell
+            image = np.clip(60 + 90 * (labels > 0) + rng.normal(0, 12, size), 0, 255).astype(np.uint8)
+            tifffile.imwrite(folder / name / sequence / f"t{t:03d}.tif", image, compression="lzw")
+            if t % 2 == 0:
+                labels[labels == 4] = 0
+                tifffile.imwrite(folder / name / f"{sequence}_GT" / "SEG" / f"man_seg{t:03d}.tif", labels,
+                                 compression="lzw")
+    return folder / name

@@ -1,7 +1,4 @@
 """ISBI 2012 files: location order, checksums, corruption, and fetch over a local HTTP server."""
-import functools
-import http.server
-import threading
 import zipfile
 from pathlib import Path
 
@@ -59,21 +56,6 @@ def test_rejects_wrong_shape(tmp_path):
     tifffile.imwrite(tmp_path / "test-volume.tif", np.zeros((2, 8, 8), np.uint8))
     with pytest.raises(DataError, match="expected a 30x512x512 uint8 stack"):
         load("test-volume.tif", tmp_path)
-
-
-@pytest.fixture
-def http_root(tmp_path):
-    """A throw-away HTTP server on 127.0.0.1 serving ``tmp_path / "www"``."""
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
 def _zip(path, isbi_dir):

@@ -279,6 +279,26 @@ def test_resume_keeps_validation_and_best(two_slices, isbi, tmp_path):
     assert best[0] == best[1]
 
 
+def test_instance_labels_are_validated_with_seg(tmp_path):
+    """With cell ids, SEG of the cells at 0.5 is logged beside the ISBI scores and can choose best.pt."""
+    from ronneberger2015 import label_cells, metrics, predict
+
+    labels = np.zeros((2, 96, 96), np.uint16)
+    labels[:, 10:50, 10:50], labels[:, 10:50, 50:80], labels[1, 60:90, 20:60] = 4, 7, 9  # 4 and 7 touch
+    images = np.where(labels > 0, 170, 60).astype(np.uint8)
+    config = dataclasses.replace(TINY, validate_every=10, select_by="seg")
+    model = train(images, labels, tmp_path / "run", config, validation=(images, labels), device="cpu", progress=False)
+    rows = [row for row in train_module.read_log(tmp_path / "run" / "log.csv") if "seg" in row]
+    assert [row["iteration"] for row in rows] == [10, 20] and "vrand" in rows[0]
+    cells = label_cells(predict(model, images, device="cpu")[:, 1])
+    assert rows[-1]["seg"] == pytest.approx(metrics.seg(cells, labels))
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["scores"]["seg"] == max(row["seg"] for row in rows)
+    with pytest.raises(ValueError, match="select_by seg scores cells against their ids"):
+        train(images, labels, tmp_path / "binary", config, validation=(images, (labels > 0) * 255), device="cpu",
+              progress=False)
+    assert not (tmp_path / "binary").exists()
+
+
 def test_empty_validation_slice_is_refused_before_training(two_slices, tmp_path):
     images = np.zeros((2, 64, 64), np.uint8)
     with pytest.raises(ValueError, match=r"validation slice\(s\) \[1\] have no cell"):
