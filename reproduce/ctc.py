@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,17 +30,16 @@ import numpy as np
 import torch
 from skimage.filters import threshold_otsu
 
-import ronneberger2015
 from ronneberger2015 import ctc, io, metrics
 from ronneberger2015.commandline import renamed, set_threads
 from ronneberger2015.data import DataError
 from ronneberger2015.runtime import resolve_device
 from ronneberger2015.segmentation import label_cells
 from ronneberger2015.tiling import predict
-from ronneberger2015.training import PRESETS as TRAINING, TrainConfig, TrainingDiverged, add_training_options, \
-    config_from_args, train
+from ronneberger2015.training import PRESETS as TRAINING
+from ronneberger2015.training import TrainConfig, TrainingDiverged, add_training_options, config_from_args, train
 
-from .isbi import _git_commit
+from .record import device_name, environment
 
 # Table 2 of the paper: "Segmentation results (IOU) on the ISBI cell tracking challenge 2015" (hidden test sets).
 PAPER = {
@@ -173,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _replay(args: argparse.Namespace, argv: list[str] | None) -> int:
-    set_threads(args.threads)
+    set_threads(args.threads, note_if_busy=True)
     device = resolve_device(args.device)
     preset = args.preset or ("paper" if device.type == "cuda" else "cpu")
     config = config_from_args(args, preset, PRESETS)
@@ -181,16 +179,10 @@ def _replay(args: argparse.Namespace, argv: list[str] | None) -> int:
     out = args.output or Path("runs") / f"{args.name}-{preset}-seed{config.seed}"
     tta = preset == "paper"
     print(PRESET_NOTES.get(preset, ""), end="\n" if preset in PRESET_NOTES else "")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"replaying Table 2 on {args.name} with preset {preset!r} on {device} ({name}); run folder {out}")
-    record = {
-        "preset": preset, "train": dataclasses.asdict(config), "normalise": args.normalise, "threshold": 0.5,
-        "tta": "8 dihedral transforms" if tta else "none", "device": str(device), "device_name": name,
-        "threads": torch.get_num_threads(),
-        "versions": {"ronneberger2015": ronneberger2015.__version__, "python": platform.python_version(),
-                     "torch": torch.__version__, "numpy": np.__version__},
-        "git_commit": _git_commit(), "command": " ".join(["python -m reproduce.ctc", *(argv or sys.argv[1:])]),
-    }
+    print(f"replaying Table 2 on {args.name} with preset {preset!r} on {device} ({device_name(device)}); "
+          f"run folder {out}")
+    record = {"preset": preset, "train": dataclasses.asdict(config), "normalise": args.normalise, "threshold": 0.5,
+              "tta": "8 dihedral transforms" if tta else "none", **environment(device, "reproduce.ctc", argv)}
     rows, results = {}, []
     for training, held_out in pairs:
         way = f"{describe(training)} -> {describe(held_out)}"
@@ -213,7 +205,8 @@ def _replay(args: argparse.Namespace, argv: list[str] | None) -> int:
           + (", scored against SILVER truth (computer-generated), not the manual gold truth" if silver else ""))
     print(table(args.name, rows))
     print("\nThe paper's figures are on the challenge's hidden test sequences; ours on annotated training frames "
-          "held out from training, after the last iteration" + (", with 8-fold test-time augmentation." if tta else "."))
+          "held out from training, after the last iteration"
+          + (", with 8-fold test-time augmentation." if tta else "."))
     print(f"cells: 4-connected components of P(cell) > 0.5, written as maskTTT.tif (uint16) in {out}/NN_RES; "
           "wall time: " + ", ".join(f"{r['train']} -> {r['held_out']} {r['seconds']:.0f} s" for r in results))
     return 0
@@ -233,7 +226,8 @@ def _direction(training: ctc.Annotated, held_out: ctc.Annotated, config: TrainCo
     cells = label_cells(probabilities)
     ctc.write_masks(out / f"{held_out.sequence}_RES", held_out.frames, cells)
     overlay(held_out.images[0], held_out.labels[0], probabilities[0], cells[0],
-            run / f"overlay-t{held_out.frames[0]:03d}.png", f"{held_out.name} {held_out.sequence} t{held_out.frames[0]:03d}")
+            run / f"overlay-t{held_out.frames[0]:03d}.png",
+            f"{held_out.name} {held_out.sequence} t{held_out.frames[0]:03d}")
     return {"seg": metrics.seg(cells, held_out.labels), "iou": metrics.iou(probabilities, held_out.labels > 0),
             "baseline": baseline(training, held_out), "seconds": time.perf_counter() - start}
 

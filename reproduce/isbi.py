@@ -19,16 +19,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-import ronneberger2015
 from ronneberger2015 import io
 from ronneberger2015.commandline import renamed, set_threads
 from ronneberger2015.data import load_isbi
@@ -36,6 +32,8 @@ from ronneberger2015.metrics import evaluate
 from ronneberger2015.runtime import resolve_device
 from ronneberger2015.tiling import predict
 from ronneberger2015.training import TrainingDiverged, add_training_options, config_from_args, train
+
+from .record import device_name, environment
 
 HELD_OUT = slice(20, 30)
 TRAIN_HELD_OUT = slice(0, 20)
@@ -89,15 +87,6 @@ def overlay(image: np.ndarray, truth: np.ndarray, probability: np.ndarray, path:
     io.save_figure(figure, path, dpi=100)
 
 
-def _git_commit() -> str | None:
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=Path(__file__).resolve().parent)
-    except OSError:
-        return None
-    return result.stdout.strip() or None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reproduce.isbi", description=__doc__.splitlines()[0])
     add_training_options(parser)
@@ -124,16 +113,9 @@ def _replay(args: argparse.Namespace, argv: list[str] | None) -> int:
     out = args.output or Path("runs") / f"isbi-{preset}-seed{config.seed}"
     data = load_isbi(args.data_dir)
     print(PRESET_NOTES.get(preset, ""), end="\n" if preset in PRESET_NOTES else "")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"replaying ISBI 2012 with preset {preset!r} on {device} ({name}); run folder {out}")
-    record = {
-        "preset": preset, "train": dataclasses.asdict(config), "device": str(device), "device_name": name,
-        "threads": torch.get_num_threads(), "tta": "8 dihedral transforms",
-        "held_out_slices": [HELD_OUT.start, HELD_OUT.stop - 1],
-        "versions": {"ronneberger2015": ronneberger2015.__version__, "python": platform.python_version(),
-                     "torch": torch.__version__, "numpy": np.__version__},
-        "git_commit": _git_commit(), "command": " ".join(["python -m reproduce.isbi", *(argv or sys.argv[1:])]),
-    }
+    print(f"replaying ISBI 2012 with preset {preset!r} on {device} ({device_name(device)}); run folder {out}")
+    record = {"preset": preset, "train": dataclasses.asdict(config), "tta": "8 dihedral transforms",
+              "held_out_slices": [HELD_OUT.start, HELD_OUT.stop - 1], **environment(device, "reproduce.isbi", argv)}
     first, last = HELD_OUT.start, HELD_OUT.stop - 1
     timings = {}
     start = time.perf_counter()

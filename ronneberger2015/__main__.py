@@ -12,7 +12,8 @@ COMMANDS = {
     "weightmap": ("ronneberger2015.weightmap", "boundary weight map of label images (Eq. 2)"),
     "predict": ("ronneberger2015.tiling", "overlap-tile prediction of an image, a stack or a Zarr volume (Fig. 2)"),
     "train": ("ronneberger2015.training", "train the paper's recipe on your own images and labels"),
-    "evaluate": ("ronneberger2015.metrics", "ISBI 2012 metrics of a probability map against labels; --measure seg: SEG"),
+    "evaluate": ("ronneberger2015.metrics",
+                 "ISBI 2012 metrics of a probability map against labels; --measure seg: SEG"),
 }
 
 

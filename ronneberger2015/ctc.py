@@ -76,8 +76,10 @@ def data_dir(directory: str | os.PathLike | None = None) -> Path:
 
 def _how_to_get(name: str, folder: Path) -> str:
     return (f"get it in one of two ways:\n"
-            f"  python -m ronneberger2015.data fetch ctc {name} --data-dir {folder}   (downloads {ARCHIVES}/{name}.zip)\n"
-            f"  export CTC_DIR=/path/to/a/folder   (holding {name}/01, {name}/01_GT/SEG, ... in the challenge's layout)")
+            f"  python -m ronneberger2015.data fetch ctc {name} --data-dir {folder}   "
+            f"(downloads {ARCHIVES}/{name}.zip)\n"
+            f"  export CTC_DIR=/path/to/a/folder   "
+            f"(holding {name}/01, {name}/01_GT/SEG, ... in the challenge's layout)")
 
 
 def _numbered(folder: Path, pattern: re.Pattern) -> dict[int, Path]:
@@ -103,7 +105,8 @@ def sequences(name: str, directory: str | os.PathLike | None = None) -> list[tup
     return found
 
 
-def load(name: str, sequence: str, directory: str | os.PathLike | None = None, *, truth: str | None = None) -> Annotated:
+def load(name: str, sequence: str, directory: str | os.PathLike | None = None, *,
+         truth: str | None = None) -> Annotated:
     """The annotated frames of one sequence and their truth (``truth``: "GT", "ST", or None for ``sequences``'s
     choice), checked: every truth file has its frame, both are 2D of one size, the truth is integer ids."""
     folder = data_dir(directory) / name
@@ -122,7 +125,8 @@ def load(name: str, sequence: str, directory: str | os.PathLike | None = None, *
     frames = _numbered(folder / sequence, FRAME) if (folder / sequence).is_dir() else {}
     missing = sorted(set(labelled) - set(frames))
     if missing:
-        raise DataError(f"{truth_folder} annotates frame(s) {missing} but {folder / sequence} lacks t{missing[0]:03d}.tif; "
+        raise DataError(f"{truth_folder} annotates frame(s) {missing} but {folder / sequence} lacks "
+                        f"t{missing[0]:03d}.tif; "
                         "is the sequence complete?")
     images, labels = [], []
     for t, path in labelled.items():

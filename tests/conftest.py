@@ -1,4 +1,5 @@
-"""Shared fixtures: the ISBI 2012 and cell tracking challenge folders, a loopback HTTP server, a synthetic\ncell tracking data set, and deterministic torch on the CPU."""
+"""Shared fixtures: the ISBI 2012 and cell tracking challenge folders, a loopback HTTP server, a synthetic
+cell tracking data set, and deterministic torch on the CPU."""
 from __future__ import annotations
 
 import functools

@@ -97,7 +97,8 @@ def test_agrees_with_py_ctcmetrics(tmp_path, seed):
      r"truth frame\(s\) \[1\] hold no reference object"),
     (np.full((4, 4), 0.7), np.ones((4, 4), np.uint16), "probabilities into cells"),
     (np.zeros((4, 4), np.int16) - 1, np.ones((4, 4), np.uint16), "negative"),
-    (np.zeros((4, 4), np.uint16), np.array([[255, 0, 255, 0]] * 4, np.uint8), r"a mask, not cell ids: one value \(255\)"),
+    (np.zeros((4, 4), np.uint16), np.array([[255, 0, 255, 0]] * 4, np.uint8),
+     r"a mask, not cell ids: one value \(255\)"),
     (np.zeros((4, 4), bool), np.ones((4, 4), np.uint16), "dtype bool"),
 ])
 def test_bad_inputs_are_named(segmentation, truth, message):
