@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import ndimage
 
 from .io import read_images
@@ -51,8 +52,11 @@ __all__ = [
     "iou",
     "dice",
     "seg",
+    "matches",
     "Matches",
     "evaluate",
+    "sweep",
+    "sweeps",
     "METRICS",
     "warp",
     "topology_errors",
@@ -170,10 +174,6 @@ def _truth_objects(inside: np.ndarray) -> list[np.ndarray]:
 def _sweep(sweep: np.ndarray, slices: int, measure: Callable[[int, float], tuple]) -> np.ndarray:
     """``measure(z, th)`` for every threshold and slice, as an array (thresholds, slices, terms)."""
     return np.array([[measure(z, th) for z in range(slices)] for th in sweep])
-
-
-def _report(details: Details, want_details: bool):
-    return (details.value, details) if want_details else details.value
 
 
 # ---------------------------------------------------------------------------
@@ -353,48 +353,48 @@ def _thinned(proposal, inside) -> tuple[Details, Details]:
     )
 
 
-def pixel_error(proposal, truth, *, details: bool = False):
+def pixel_error(proposal: ArrayLike, truth: ArrayLike) -> float:
     """Pixel error of Table 1: 1 - maximal F-score of the pixel classification.
 
     Cell interior is the positive class (truth > 0 against proposal > th); TP,
     FP and FN are summed over slices before the F-score; thresholds ``SWEEP``.
-    With ``details`` returns ``(value, Details)``; counts "tp", "fp", "fn" in pixels.
+    ``sweep("pixel_error", ...)`` gives the table; counts "tp", "fp", "fn" in pixels.
     """
-    return _report(_pixel(*_prepare(proposal, truth)), details)
+    return _pixel(*_prepare(proposal, truth)).value
 
 
-def rand_error(proposal, truth, *, details: bool = False):
+def rand_error(proposal: ArrayLike, truth: ArrayLike) -> float:
     """Rand error of Table 1: 1 - maximal F-score of the foreground-restricted Rand index.
 
     Pairs of pixels are counted over the truth's cell interior only; truth
     objects and proposal segments are the 4-connected components, and a proposal
     background pixel is a segment of its own (see ``_rand_counts``). TP, FP and
-    FN are summed over slices; thresholds ``SWEEP``; no thinning. With
-    ``details`` returns ``(value, Details)``; counts "tp", "fp", "fn" in pixel pairs.
+    FN are summed over slices; thresholds ``SWEEP``; no thinning.
+    ``sweep("rand_error", ...)`` gives the table; counts "tp", "fp", "fn" in pixel pairs.
     """
-    return _report(_rand(*_prepare(proposal, truth)), details)
+    return _rand(*_prepare(proposal, truth)).value
 
 
-def vrand(proposal, truth, *, details: bool = False):
+def vrand(proposal: ArrayLike, truth: ArrayLike) -> float:
     """V_rand (thinned), the later ISBI 2012 ranking: maximal foreground-restricted Rand F-score.
 
     As ``rand_error`` but the proposal's segments come from ``thin`` (its
     one-pixel dams are singletons), and the F-score is taken per slice and
     averaged over slices before the maximum over ``SWEEP``. Higher is better;
-    with ``details`` returns ``(value, Details)``; counts "tp", "fp", "fn".
+    ``sweep("vrand", ...)`` gives the table; counts "tp", "fp", "fn".
     """
-    return _report(_thinned(*_prepare(proposal, truth))[0], details)
+    return _thinned(*_prepare(proposal, truth))[0].value
 
 
-def vinfo(proposal, truth, *, details: bool = False):
+def vinfo(proposal: ArrayLike, truth: ArrayLike) -> float:
     """V_info (thinned), the later ISBI 2012 ranking: maximal information-theoretic F-score.
 
     Segments as in ``vrand``; per slice F = 2I / (H(A) + H(B)) over the truth's
     cell interior (see ``_information_f`` for the edge cases), averaged over
-    slices, maximum over ``SWEEP``. Higher is better; with ``details`` returns
-    ``(value, Details)``; counts "h_truth", "h_proposal", "mutual" in nats.
+    slices, maximum over ``SWEEP``. Higher is better; ``sweep("vinfo", ...)``
+    gives the table; counts "h_truth", "h_proposal", "mutual" in nats.
     """
-    return _report(_thinned(*_prepare(proposal, truth))[1], details)
+    return _thinned(*_prepare(proposal, truth))[1].value
 
 
 # ---------------------------------------------------------------------------
@@ -598,7 +598,8 @@ def _warping(proposal, inside, radius, quantum) -> Details:
     return Details(WARPING_SWEEP, values, (splits + mergers) / pixels, counts, int(np.argmin(values)))
 
 
-def warping_error(proposal, truth, *, radius: int | None = 20, quantum: float | None = None, details: bool = False):
+def warping_error(proposal: ArrayLike, truth: ArrayLike, *, radius: int | None = 20,
+                  quantum: float | None = None) -> float:
     """Warping error of Table 1: minimum splits and mergers (Jain et al. 2010), as the challenge computed it.
 
     Per slice and threshold th of ``WARPING_SWEEP``, the truth is warped
@@ -609,10 +610,10 @@ def warping_error(proposal, truth, *, radius: int | None = 20, quantum: float | 
     ``radius`` (the challenge's 20; -1: the whole image; None: the global
     topological rule, not the challenge's) are counted. The error is their
     number over all slices divided by the number of pixels; the minimum over
-    thresholds is reported. With ``details`` returns ``(value, Details)``;
+    thresholds is reported. ``sweep("warping_error", ...)`` gives the table;
     counts "splits", "mergers" and "other" (remaining pixels not counted).
     """
-    return _report(_warping(*_prepare(proposal, truth), radius, quantum), details)
+    return _warping(*_prepare(proposal, truth), radius, quantum).value
 
 
 # ---------------------------------------------------------------------------
@@ -715,8 +716,8 @@ def _frame_matches(segmentation: np.ndarray, truth: np.ndarray) -> tuple[np.ndar
     return ids, matched, jaccard
 
 
-def seg(segmentation, truth, *, details: bool = False):
-    """SEG, the cell tracking challenge's segmentation measure (Maška et al. 2014; Ulman et al. 2017).
+def matches(segmentation: ArrayLike, truth: ArrayLike) -> Matches:
+    """The reference objects of SEG (see ``seg``), each with its matched segmented object and Jaccard index.
 
     ``segmentation`` and ``truth`` hold one id per cell (0 = background), as
     (H, W) or (Z, H, W) frames of one shape. A reference object R (an id of
@@ -724,7 +725,7 @@ def seg(segmentation, truth, *, details: bool = False):
     more than half of it, |R & S| > 0.5 |R| (at most one S can); its score is
     the Jaccard index |R & S| / |R | S|, and 0 where no S matches. SEG is the
     mean over all reference objects of all frames. Segmented objects that
-    match nothing cost nothing. With ``details`` returns ``(value, Matches)``.
+    match nothing cost nothing.
     """
     segmentation, truth = _instances(segmentation, "segmentation"), _instances(truth, "truth")
     if segmentation.shape != truth.shape:
@@ -738,8 +739,14 @@ def seg(segmentation, truth, *, details: bool = False):
     for z, (proposed, reference) in enumerate(zip(segmentation, truth)):
         ids, matched, jaccard = _frame_matches(proposed, reference)
         columns.append((np.full(ids.size, z), ids, matched, jaccard))
-    matches = Matches(*(np.concatenate(column) for column in zip(*columns)))
-    return (matches.value, matches) if details else matches.value
+    return Matches(*(np.concatenate(column) for column in zip(*columns)))
+
+
+def seg(segmentation: ArrayLike, truth: ArrayLike) -> float:
+    """SEG, the cell tracking challenge's segmentation measure (Maška et al. 2014; Ulman et al. 2017): the
+    mean Jaccard index of the reference objects with the segmented objects that cover more than half of
+    them (``matches`` gives the table)."""
+    return matches(segmentation, truth).value
 
 
 def _seg_command(proposal: np.ndarray, truth: np.ndarray, args: argparse.Namespace) -> int:
@@ -757,13 +764,14 @@ def _seg_command(proposal: np.ndarray, truth: np.ndarray, args: argparse.Namespa
         cells, source = proposal, "cells: the ids as given"
     if args.instances is False:
         truth = label_cells((np.asarray(truth) > 0).astype(np.float32))
-    value, matches = seg(cells, truth, details=True)
+    table = matches(cells, truth)
+    value = table.value
     overlap = iou((cells > 0).astype(np.float32), truth > 0)
-    counts = {"objects": int(matches.ids.size), "matched": int(np.count_nonzero(matches.matched)),
+    counts = {"objects": int(table.ids.size), "matched": int(np.count_nonzero(table.matched)),
               "frames": len(truth)}
     if args.json:
         print(json.dumps({"seg": {"value": value, **counts}, "iou": {"value": overlap},
-                          "seg_by_frame": matches.per_frame()}, indent=2))
+                          "seg_by_frame": table.per_frame()}, indent=2))
         return 0
     print(f"{'measure':<18} {'value':>10}  better")
     print(f"{'SEG':<18} {value:>10.7f}  higher   {counts['matched']} of {counts['objects']} reference objects "
@@ -786,17 +794,34 @@ METRICS = {
 """The names ``evaluate`` returns, Table 1's three first, with a label and which direction is better."""
 
 
-def evaluate(proposal, truth, *, radius: int | None = 20, details: bool = False) -> dict:
-    """All five metrics: ``{name: value}``, or ``{name: (value, Details)}`` with ``details``.
+def sweep(name: str, proposal: ArrayLike, truth: ArrayLike, *, radius: int | None = 20,
+          quantum: float | None = None) -> Details:
+    """One metric of ``METRICS`` over its threshold sweep: its value at every threshold, per slice, and the
+    counts behind them; ``.value`` is the number the metric's own function returns (``radius`` and
+    ``quantum`` are the warping error's)."""
+    if name not in METRICS:
+        raise ValueError(f"no metric {name!r}; the metrics are {', '.join(METRICS)}")
+    proposal, inside = _prepare(proposal, truth)
+    if name == "warping_error":
+        return _warping(proposal, inside, radius, quantum)
+    if name in ("vrand", "vinfo"):
+        return _thinned(proposal, inside)[name == "vinfo"]
+    return (_pixel if name == "pixel_error" else _rand)(proposal, inside)
 
-    The same numbers as the five functions (``radius`` is the warping error's),
-    with the thinning shared by V_rand and V_info.
-    """
+
+def sweeps(proposal: ArrayLike, truth: ArrayLike, *, radius: int | None = 20) -> dict[str, Details]:
+    """All five metrics over their sweeps, ``{name: Details}``, with the thinning shared by V_rand and V_info."""
     proposal, inside = _prepare(proposal, truth)
     tables = dict(warping_error=_warping(proposal, inside, radius, None), rand_error=_rand(proposal, inside),
                   pixel_error=_pixel(proposal, inside))
     tables.update(zip(("vrand", "vinfo"), _thinned(proposal, inside)))
-    return {name: _report(tables[name], details) for name in METRICS}
+    return {name: tables[name] for name in METRICS}
+
+
+def evaluate(proposal: ArrayLike, truth: ArrayLike, *, radius: int | None = 20) -> dict[str, float]:
+    """All five metrics, ``{name: value}``: the same numbers as the five functions (``radius`` is the warping
+    error's), with the thinning shared by V_rand and V_info."""
+    return {name: table.value for name, table in sweeps(proposal, truth, radius=radius).items()}
 
 
 def _slice_range(text: str, count: int) -> slice:
@@ -854,7 +879,7 @@ def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
     if labels.instances:
         print(f"{labels}; scored against their separated mask", file=sys.stderr)
     truth = target_and_weights(truth, w0=0.0, instances=args.instances, class_balance=False)[0]
-    results = evaluate(proposal, truth, details=True)  # validates values first
+    results = sweeps(proposal, truth)  # validates values first
     interior = truth > 0
     if interior.any() and not interior.all() and proposal[interior].mean() < proposal[~interior].mean():
         print("warning: the proposal is higher where the truth is 0 than where it is nonzero: either the proposal "
@@ -865,12 +890,13 @@ def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
     by_threshold = {float(th): iou(proposal, truth, threshold=th) for th in WARPING_SWEEP}
     best = max(by_threshold, key=by_threshold.get)
     if args.json:
-        table = {name: {"value": value, "threshold": details.threshold} for name, (value, details) in results.items()}
+        table = {name: {"value": details.value, "threshold": details.threshold} for name, details in results.items()}
         table.update({name: {"value": value, "threshold": args.threshold} for name, value in overlap.items()})
         print(json.dumps({**table, "iou_by_threshold": by_threshold}, indent=2))
         return 0
     print(f"{'metric':<18} {'value':>10} {'threshold':>10}  better")
-    for name, (value, details) in results.items():
+    for name, details in results.items():
+        value = details.value
         label, better = METRICS[name]
         print(f"{label:<18} {value:>10.7f} {details.threshold:>10.1f}  {better}")
     for name, value in overlap.items():

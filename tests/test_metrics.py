@@ -22,6 +22,8 @@ from ronneberger2015.metrics import (
     iou,
     pixel_error,
     rand_error,
+    sweep,
+    sweeps,
     thin,
     topology_errors,
     vinfo,
@@ -103,16 +105,19 @@ def test_hand_computed_toys(toy):
 def test_details_hold_every_threshold_and_slice():
     proposal = np.stack([TOYS["one split"][0], TOYS["merged pair"][0]])
     truth = np.stack([TRUTH, TRUTH])
-    value, table = rand_error(proposal, truth, details=True)
+    table = sweep("rand_error", proposal, truth)
+    value = table.value
     assert table.values.shape == (11,) and table.per_slice.shape == (11, 2)
     assert table.counts["tp"][:, 0].tolist() == [532] * 11 and table.counts["fn"][:, 1].tolist() == [0] * 11
     assert table.per_slice[0].tolist() == pytest.approx([268 / 1332, 1 / 3])
     # micro: counts summed
     assert value == table.value == pytest.approx(1 - 2 * (532 + 800) / (2 * (532 + 800) + 268 + 800))
     assert table.best == 0 and table.threshold == 0.0  # ties keep the lowest threshold
-    value, table = vrand(proposal, truth, details=True)
+    table = sweep("vrand", proposal, truth)
+    value = table.value
     assert value == pytest.approx((1064 / 1332 + 2 / 3) / 2)  # macro: per-slice scores averaged
-    value, table = warping_error(proposal, truth, details=True)
+    table = sweep("warping_error", proposal, truth)
+    value = table.value
     assert table.thresholds.shape == (10,)
     assert table.counts["splits"][:, 0].tolist() == [1] * 10 and table.counts["mergers"][:, 1].tolist() == [5] * 10
     assert value == pytest.approx(6 / (2 * PIXELS))
@@ -125,9 +130,9 @@ def test_threshold_sweeps_accumulate_in_doubles():
     # float32 0.3 is 0.30000001... > 0.30000000000000004 and 1.0 > 0.9999999999999999 only in
     # double precision, as the challenge compares; numpy would compare float32 in float32
     for value, k in ((0.3, 3), (1.0, 10)):
-        _, table = pixel_error(np.full((4, 4), value, np.float32), truth, details=True)
+        table = sweep("pixel_error", np.full((4, 4), value, np.float32), truth)
         assert table.counts["tp"][k, 0] == 16
-    _, table = pixel_error(np.full((4, 4), 0.5), truth, details=True)  # strict: 0.5 > 0.5 is false
+    table = sweep("pixel_error", np.full((4, 4), 0.5), truth)  # strict: 0.5 > 0.5 is false
     assert table.counts["tp"][5, 0] == 0 and table.counts["tp"][4, 0] == 16
     # 0/1 truth stays cell interior at every threshold (truth > 0, not truth > th)
     assert pixel_error(np.ones((4, 4)), truth.astype(np.float32)) == 0
@@ -250,7 +255,8 @@ def test_cutting_a_cell_costs_exactly_the_split_pixels(width):
     truth = _cell()
     proposal = truth.astype(float)
     proposal[9 : 9 + width, 5:15] = 0.0
-    value, table = warping_error(proposal, truth, details=True)
+    table = sweep("warping_error", proposal, truth)
+    value = table.value
     assert value * truth.size == width  # the cut shrinks to one pixel per cut row
     assert table.counts["splits"][0, 0] == width and table.counts["mergers"][0, 0] == 0
 
@@ -274,7 +280,7 @@ def test_a_missing_wide_membrane_costs_one_pixel_per_row():
     truth[1:11, 1:6] = truth[1:11, 8:13] = True  # membrane two pixels wide, 10 rows
     proposal = truth.astype(float)
     proposal[1:11, 6:8] = 1.0
-    _, table = warping_error(proposal, truth, details=True)
+    table = sweep("warping_error", proposal, truth)
     assert table.counts["mergers"][0, 0] == 10 and table.counts["splits"][0, 0] == 0
 
 
@@ -282,7 +288,7 @@ def test_outside_the_image_is_background():
     truth = np.ones((6, 8), bool)  # one cell filling the image
     proposal = np.ones((6, 8))
     proposal[3] = 0.0  # cut from border to border: flips inwards from the outside, one split left
-    _, table = warping_error(proposal, truth, details=True)
+    table = sweep("warping_error", proposal, truth)
     assert table.counts["splits"][0, 0] == 1 and table.counts["other"][0, 0] == 0
 
 
@@ -292,7 +298,7 @@ def test_out_of_image_neighbours_are_ignored_not_background():
     proposal[2] = 0.0
     # the cut pixel stays (removing it splits the column); its neighbours inside the image are
     # one object only, a hole deletion for the challenge; the global rule sees the split
-    _, table = warping_error(proposal, truth, details=True)
+    table = sweep("warping_error", proposal, truth)
     assert table.counts["splits"][0, 0] == 0 and table.counts["other"][0, 0] == 1
     assert warping_error(proposal, truth, radius=None) == 1 / 5
 
@@ -308,14 +314,15 @@ def _toy_100x200():
 def test_challenge_oracle_toy():
     """The challenge's own code gives 0.005, 0 with radius -1."""
     truth = _toy_100x200()
-    value, table = warping_error(np.full(truth.shape, 0.5), truth, details=True)
+    table = sweep("warping_error", np.full(truth.shape, 0.5), truth)
+    value = table.value
     # below 0.5 all is cell: one membrane column is left between the cells, 100 mergers; from
     # 0.5 on nothing is: the holed cell shrinks to a ring around the hole, larger than the
     # 41 x 41 window, so each ring pixel splits it within its window: 232 splits
     assert table.counts["mergers"][:, 0].tolist() == [100] * 5 + [0] * 5
     assert table.counts["splits"][:, 0].tolist() == [0] * 5 + [232] * 5
     assert value == 0.005 == 100 / truth.size
-    _, whole = warping_error(np.full(truth.shape, 0.5), truth, radius=-1, details=True)
+    whole = sweep("warping_error", np.full(truth.shape, 0.5), truth, radius=-1)
     assert whole.value == 0 and whole.counts["splits"].sum() == 0  # the ring is whole: a hole deletion
 
 
@@ -343,7 +350,7 @@ def test_a_diagonal_touch_is_a_merger():
     truth[1:3, 1:3] = truth[4:6, 4:6] = 1
     proposal = truth.astype(float)
     proposal[3, 3] = 1.0  # cannot be added: it would be a new object
-    _, table = warping_error(proposal, truth, details=True)
+    table = sweep("warping_error", proposal, truth)
     assert table.counts["mergers"][:, 0].tolist() == [1] * 10
     assert warping_error(proposal, truth, radius=None) == 0  # an object addition for the global rule
 
@@ -367,7 +374,7 @@ def test_priorities_are_float32_and_optionally_quantised():
     rank = np.arange(16).reshape(4, 4)
     for step, quantum, splits in ((1e-12, None, 0), (1e-6, None, 1), (1e-6, 1e-4, 0)):
         proposal = 0.25 + 5e-5 + step * rank
-        _, table = warping_error(proposal, TIES, quantum=quantum, details=True)
+        table = sweep("warping_error", proposal, TIES, quantum=quantum)
         assert table.thresholds[5] == 0.5 and table.counts["splits"][5, 0] == splits, (step, quantum)
 
 
@@ -479,12 +486,13 @@ def test_vinfo_conventions():
     one_cell = np.ones((3, 4), np.uint8)
     halves = np.tile([1.0, 0.4, 0.4, 1.0], (3, 1))  # from 0.4 on a 2-wide border: two segments, no dam
     assert vinfo(np.ones((3, 4)), one_cell) == 0  # both sides one segment
-    _, table = vinfo(halves, one_cell, details=True)
+    table = sweep("vinfo", halves, one_cell)
     assert table.values.tolist() == [0.0] * 11  # H(A) = 0 (H(B) = 0 too below 0.4)
     # truth rows 0 and 2 against proposal columns 0-1 and 2-3: each segment holds half of each
     # object, I = 0 and P + R = 0 from 0.4 on; below, one segment: F = 0
     rows = np.array([[1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1]], np.uint8)
-    value, table = vinfo(halves, rows, details=True)
+    table = sweep("vinfo", halves, rows)
+    value = table.value
     assert table.values[:4].tolist() == [0.0] * 4 and np.isnan(table.values[4:]).all()
     assert value == 0 and table.threshold == 0
     assert np.isnan(vinfo((halves > 0.5).astype(float), rows))  # NaN at every threshold: NaN
@@ -515,7 +523,7 @@ def test_rand_and_information_terms_agree_with_skimage(isbi):
     proposal = np.stack([ndimage.binary_erosion(s > 0) for s in truth])
     for z, y, x in zip(rng.integers(0, 2, 40), rng.integers(0, 500, 40), rng.integers(0, 500, 40)):
         proposal[z, y, x : x + 12] = False
-    tables = {name: table for name, (_, table) in evaluate(proposal.astype(np.float32), truth, details=True).items()}
+    tables = sweeps(proposal.astype(np.float32), truth)
     rand, thinned_rand, info = tables["rand_error"], tables["vrand"], tables["vinfo"]
     for z in range(2):
         objects = label(truth[z] > 0, connectivity=1)
@@ -632,3 +640,15 @@ def test_command_line_names_mismatched_stacks_and_both_polarity_causes(tmp_path,
     assert main(["evaluate", str(tmp_path / "good.tif"), str(tmp_path / "inverted.tif")]) == 0
     err = capsys.readouterr().err
     assert "pass --membrane" in err and "invert the labels" in err
+
+
+def test_each_metric_returns_its_number_and_sweep_its_table():
+    proposal, truth = TOYS["one split"][0], TRUTH
+    tables = sweeps(proposal, truth)
+    for name, function in (("warping_error", warping_error), ("rand_error", rand_error),
+                           ("pixel_error", pixel_error), ("vrand", vrand), ("vinfo", vinfo)):
+        value = function(proposal, truth)
+        assert isinstance(value, float) and value == tables[name].value == sweep(name, proposal, truth).value
+    assert evaluate(proposal, truth) == {name: table.value for name, table in tables.items()}
+    with pytest.raises(ValueError, match="no metric 'dice'; the metrics are warping_error"):
+        sweep("dice", proposal, truth)

@@ -9,7 +9,7 @@ from ctc_metrics.utils.representations import match as ctc_match
 from scipy import ndimage
 
 from ronneberger2015.__main__ import main
-from ronneberger2015.metrics import seg
+from ronneberger2015.metrics import matches, seg
 
 
 def _brute_force(segmentation, truth):
@@ -47,9 +47,10 @@ def test_hand_made_frame():
     segmentation[3:5, 0:2] = 9
     segmentation[3:5, 2:4] = 10
     segmentation[1:4, 6:12] = 3
-    value, matches = seg(segmentation, truth, details=True)
-    assert matches.ids.tolist() == [1, 2, 7] and matches.matched.tolist() == [5, 0, 3]
-    np.testing.assert_allclose(matches.jaccard, [1.0, 0.0, 12 / 22])
+    table = matches(segmentation, truth)
+    value = table.value
+    assert table.ids.tolist() == [1, 2, 7] and table.matched.tolist() == [5, 0, 3]
+    np.testing.assert_allclose(table.jaccard, [1.0, 0.0, 12 / 22])
     assert value == pytest.approx((1 + 12 / 22) / 3)
 
 
@@ -69,9 +70,10 @@ def test_random_frames_agree_with_the_brute_force_loop(seed):
     truth = np.stack([_random_cells(rng, (40, 50), 8) for _ in range(3)])
     segmentation = np.stack([_random_cells(rng, (40, 50), 10) for _ in range(2)] + [truth[2]])
     segmentation[0] = np.where(rng.random((40, 50)) < 0.9, truth[0], segmentation[0])  # mostly right
-    value, matches = seg(segmentation, truth, details=True)
+    table = matches(segmentation, truth)
+    value = table.value
     assert value == pytest.approx(_brute_force(segmentation, truth), abs=1e-12)
-    assert matches.per_frame()[2] == 1.0 and matches.frames.tolist() == sorted(matches.frames.tolist())
+    assert table.per_frame()[2] == 1.0 and table.frames.tolist() == sorted(table.frames.tolist())
 
 
 @pytest.mark.parametrize("seed", range(4))
