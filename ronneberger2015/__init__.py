@@ -13,6 +13,7 @@ Public API (each docstring names the paper's section it implements)::
     metrics                          the ISBI 2012 challenge metrics (Sec. 4)
 """
 from . import metrics
+from ._version import __version__ as __version__
 from .augment import Augmenter
 from .loss import weighted_cross_entropy
 from .network import UNet, input_size, output_size
@@ -24,4 +25,3 @@ from .weightmap import weight_map
 
 __all__ = ["UNet", "output_size", "input_size", "weight_map", "weighted_cross_entropy", "Augmenter", "train",
            "TrainConfig", "predict", "load_model", "predict_volume", "label_cells", "metrics"]
-__version__ = "0.2.0"

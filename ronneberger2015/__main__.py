@@ -19,6 +19,11 @@ COMMANDS = {
 
 def _dispatch(command: str, argv: list[str]) -> int:
     module = importlib.import_module(COMMANDS[command][0])
+    if command == "predict":
+        from . import volume
+
+        if volume.names_zarr(argv):  # a volume larger than memory, block by block
+            module = volume
     try:
         return module.cli(argv, prog=f"python -m ronneberger2015 {command}") or 0
     except (ValueError, OSError, FloatingPointError, ImportError) as error:  # ImportError: a missing optional extra

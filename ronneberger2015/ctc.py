@@ -32,8 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .data import DataError, download, new_folders
-from .io import read_image, write_tiff
+from .io import DataError, download, new_folders, read_image, write_tiff
 
 __all__ = ["DATASETS", "Annotated", "data_dir", "sequences", "load", "fetch", "write_masks", "mask_name"]
 

@@ -20,22 +20,20 @@ set of the cell tracking challenge instead (``ronneberger2015.ctc``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import os
 import shutil
 import sys
 import tempfile
-import urllib.request
 import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from tqdm import tqdm
 
+from . import ctc
 from .commandline import renamed
-from .io import read_image
+from .io import DataError, download, new_folders, read_image
 
 __all__ = [
     "FILES",
@@ -58,10 +56,6 @@ PIXEL_SHA256 = {
 }
 FILES = tuple(PIXEL_SHA256)
 DEFAULT_DIR = Path("data") / "isbi2012"
-
-
-class DataError(ValueError):
-    """The ISBI 2012 files are missing, corrupt, or not the published ones."""
 
 
 class IsbiData(NamedTuple):
@@ -131,30 +125,6 @@ def load_isbi(directory: str | os.PathLike | None = None, *, verify: bool = True
     return IsbiData(*(load(name, directory, verify=verify) for name in FILES))
 
 
-def download(url: str, target: Path, what: str) -> None:
-    """Save ``url`` as ``target`` with a progress bar named ``what``."""
-    with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as out:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=what) as bar:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                bar.update(len(chunk))
-
-
-@contextlib.contextmanager
-def new_folders(folder: Path):
-    """Create ``folder`` (and missing parents) for the duration; on failure remove those it created, if empty."""
-    created = [p for p in (folder, *folder.parents) if not p.exists()]
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        yield
-    except BaseException:
-        for path in created:  # deepest first
-            with contextlib.suppress(OSError):
-                path.rmdir()
-        raise
-
-
 def fetch(directory: str | os.PathLike | None = None, *, url: str = URL, force: bool = False) -> Path:
     """Download the public ISBI 2012 archive and install the three stacks, verified.
 
@@ -197,8 +167,6 @@ def fetch(directory: str | os.PathLike | None = None, *, url: str = URL, force: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import ctc  # it builds on this module
-
     parser = argparse.ArgumentParser(prog="python -m ronneberger2015.data",
                                      description="ISBI 2012 data; the cell tracking challenge's with fetch ctc NAME")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import os
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -21,9 +22,13 @@ import tifffile
 import torch
 from PIL import Image
 from skimage import io as skio
+from tqdm import tqdm
 
 __all__ = [
     "atomic_path",
+    "DataError",
+    "download",
+    "new_folders",
     "IMAGE_SUFFIXES",
     "read_image",
     "read_images",
@@ -64,6 +69,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".gif")
 """The image files every command reads: TIFF (one page or a stack), PNG and GIF, one grey channel."""
+
+
+class DataError(ValueError):
+    """A data set's files are missing, corrupt, or not the published ones."""
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -254,3 +263,27 @@ def image_to_float(image: np.ndarray) -> np.ndarray:
             "rescale it (e.g. divide by its maximum) or pass the original integer image"
         )
     return image
+
+
+def download(url: str, target: Path, what: str) -> None:
+    """Save ``url`` as ``target`` with a progress bar named ``what``."""
+    with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=what) as bar:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                bar.update(len(chunk))
+
+
+@contextlib.contextmanager
+def new_folders(folder: Path):
+    """Create ``folder`` (and missing parents) for the duration; on failure remove those it created, if empty."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for path in created:  # deepest first
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise

@@ -36,6 +36,8 @@ from numpy.typing import ArrayLike
 from scipy import ndimage
 
 from .io import read_images
+from .segmentation import label_cells
+from .weightmap import label_reading, target_and_weights
 
 __all__ = [
     "Details",
@@ -751,8 +753,6 @@ def seg(segmentation: ArrayLike, truth: ArrayLike) -> float:
 
 def _seg_command(proposal: np.ndarray, truth: np.ndarray, args: argparse.Namespace) -> int:
     """``evaluate --measure seg``: SEG and the foreground IOU of cell ids, or of probabilities at ``--threshold``."""
-    from .segmentation import label_cells
-
     if args.slices:
         chosen = _slice_range(args.slices, len(proposal))
         proposal, truth = proposal[chosen], truth[chosen]
@@ -837,8 +837,6 @@ def _slice_range(text: str, count: int) -> slice:
 
 def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
     """``evaluate PROPOSAL TRUTH``: the five ISBI 2012 metrics, foreground IOU and Dice, as a table or JSON."""
-    from .weightmap import label_reading, target_and_weights
-
     parser = argparse.ArgumentParser(prog=prog, description="ISBI 2012 metrics (paper Sec. 4) of a probability "
                                      "map against labels, and the foreground IOU and Dice at a threshold.")
     parser.add_argument("proposal", type=Path, help="probabilities in [0, 1], 1 = cell interior: a TIFF (an image "

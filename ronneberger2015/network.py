@@ -101,15 +101,22 @@ class _DoubleConv(nn.Sequential):
         )
 
 
+def current_name(key: str) -> str:
+    """A parameter's name now for its name in a checkpoint of version 0.1, where the expansive path's
+    layers were ``upconv.i.*`` and ``up.i.k.*`` (now ``up.i.upconv.*`` and ``up.i.convs.k.*``)."""
+    if match := re.fullmatch(r"upconv\.(\d+)\.(.+)", key):
+        return f"up.{match[1]}.upconv.{match[2]}"
+    if match := re.fullmatch(r"up\.(\d+)\.(\d+\..+)", key):
+        return f"up.{match[1]}.convs.{match[2]}"
+    return key
+
+
 def _earlier_names(state_dict: dict, prefix: str, *args) -> None:
-    """Rename the keys of checkpoints written by version 0.1, where the expansive path's layers were
-    ``upconv.i.*`` and ``up.i.k.*``, to ``up.i.upconv.*`` and ``up.i.convs.k.*``."""
-    for key in list(state_dict):
-        name = key[len(prefix):]
-        if match := re.fullmatch(r"upconv\.(\d+)\.(.+)", name):
-            state_dict[f"{prefix}up.{match[1]}.upconv.{match[2]}"] = state_dict.pop(key)
-        elif match := re.fullmatch(r"up\.(\d+)\.(\d+\..+)", name):
-            state_dict[f"{prefix}up.{match[1]}.convs.{match[2]}"] = state_dict.pop(key)
+    """Load hook: rename the keys of checkpoints written by version 0.1 (``current_name``)."""
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        name = current_name(key[len(prefix):])
+        if name != key[len(prefix):]:
+            state_dict[prefix + name] = state_dict.pop(key)
 
 
 class _UpBlock(nn.Module):

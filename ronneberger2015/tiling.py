@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .commandline import add_threads, renamed, require, set_threads
 from .io import image_to_float, load_checkpoint, output_files, read_images, write_image
 from .network import UNet, input_size, output_size
 from .runtime import BYTES, PRECISIONS, autocast, check_precision, resolve_device
@@ -366,17 +367,9 @@ def load_model(checkpoint, device: str | torch.device | None = None) -> UNet:
     return model.to(device or "cpu").eval()
 
 
-def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """``python -m ronneberger2015 predict INPUT -o OUTPUT --checkpoint CKPT``."""
-    from . import volume
-    from .commandline import add_threads, renamed, require, set_threads
-
-    parser = argparse.ArgumentParser(prog=prog, description="Overlap-tile prediction (Fig. 2): cell-interior "
-                                     "probabilities as float32 TIFF (the ISBI 2012 format), or with --threshold a "
-                                     "mask, or with --instances one id per cell; a Zarr volume of any size with "
-                                     "the [volume] extra (docs/prediction.md).")
-    parser.add_argument("input", type=Path, help="an image or TIFF stack (TIFF, PNG, GIF), a folder of images, or a "
-                        "Zarr array (Y, X) or (Z, Y, X) or OME-Zarr image")
+def add_prediction_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """The ``predict`` command's options for images and for Zarr volumes alike; ``what`` names the input."""
+    parser.add_argument("input", type=Path, help=what)
     parser.add_argument("-o", "--output", type=Path, help="output file for a file, output folder for a folder "
                         "(one file per image, the same names; probabilities as NAME.tif), Zarr folder for a Zarr input")
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pt or best.pt of a training run")
@@ -388,6 +381,17 @@ def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
                         help="network inputs per forward pass (default: 1 on CPU, else what fits memory)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16: autocast (default: fp32)")
+
+
+def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``python -m ronneberger2015 predict INPUT -o OUTPUT --checkpoint CKPT``; a Zarr input or output goes to
+    ``volume.cli`` instead (``__main__`` chooses)."""
+    parser = argparse.ArgumentParser(prog=prog, description="Overlap-tile prediction (Fig. 2): cell-interior "
+                                     "probabilities as float32 TIFF (the ISBI 2012 format), or with --threshold a "
+                                     "mask, or with --instances one id per cell; a Zarr volume of any size with "
+                                     "the [volume] extra (docs/prediction.md).")
+    add_prediction_options(parser, "an image or TIFF stack (TIFF, PNG, GIF), a folder of images, or a Zarr array "
+                           "(Y, X) or (Z, Y, X) or OME-Zarr image")
     add_threads(parser)
     written = parser.add_mutually_exclusive_group()
     written.add_argument("--membrane", action="store_true",
@@ -398,15 +402,10 @@ def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
                         "components of P(cell) > T (T = --threshold, default 0.5)")
     parser.add_argument("--min-size", type=int, default=0, metavar="PIXELS",
                         help="with --instances: drop cells smaller than this (default 0)")
-    volume.add_options(parser)
     args = parser.parse_args(argv)
     require(parser, args, "output", "-o/--output")
     if args.instances and args.membrane:
         parser.error("--instances labels cells; it cannot go with --membrane")
-    if volume.is_zarr(args.input) or volume.is_zarr(args.output):  # a volume larger than memory, block by block
-        return volume.run(args)
-    if args.block or args.scheduler or args.workers or args.dtype != "float32":
-        raise ValueError("--dtype, --block, --scheduler and --workers are for Zarr volumes; the input is not one")
     set_threads(args.threads)
     images, sources = read_images(args.input)  # every input and output is checked before the network runs
     targets = output_files(args.input, sources, args.output, floats=args.threshold is None and not args.instances)

@@ -37,10 +37,11 @@ import torch
 from tqdm import tqdm
 
 from . import io
+from ._version import __version__
 from .augment import Augmenter
 from .commandline import add_threads, renamed, require, set_threads
 from .loss import weighted_cross_entropy
-from .network import UNet, output_size
+from .network import UNet, current_name, output_size
 from .runtime import PRECISIONS, autocast, check_precision, resolve_device
 from .tiling import predict
 from .validation import SCORES, Validation, diagnose, improves, validate, validation_set
@@ -319,6 +320,22 @@ def plot_loss(rows: list[dict], path: Path, title: str = "training loss") -> Non
     io.save_figure(figure, path, dpi=120)
 
 
+def _in_model_order(checkpoint: dict, model: UNet) -> dict:
+    """The checkpoint's optimizer state, its parameters listed in ``model``'s order.
+
+    torch matches momentum to parameters by position, and version 0.1 listed the
+    expansive path's parameters in another order; the checkpoint's weights, saved
+    in the order of its time, give each position's name."""
+    state = checkpoint["optimizer"]
+    (group,) = state["param_groups"]
+    names = [name for name, _ in model.named_parameters()]
+    saved = [name for name in map(current_name, checkpoint["model"]) if name in names]  # buffers have no momentum
+    by_name = dict(zip(saved, group["params"]))
+    if len(saved) != len(group["params"]) or sorted(by_name) != sorted(names):
+        raise ValueError("the checkpoint's optimizer state does not belong to this network")
+    return {**state, "param_groups": [{**group, "params": [by_name[name] for name in names]}]}
+
+
 @dataclass
 class _Run:
     """A training run in progress: its network, optimizer, generator, log rows and best validation score."""
@@ -340,7 +357,7 @@ class _Run:
     def restore(self, checkpoint: dict) -> None:
         """Continue from ``checkpoint``: weights, momentum, both generators, the log up to it, the best score."""
         self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.optimizer.load_state_dict(_in_model_order(checkpoint, self.model))
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.learning_rate  # a resumed run may lower it (RESUMABLE)
         self.generator.set_state(checkpoint["rng"]["augment"])
@@ -416,8 +433,6 @@ def _start(run_dir: Path, config: TrainConfig, device: torch.device, stacks: tup
 
 
 def _write_config(run: _Run, record: dict | None, resumed: bool) -> None:
-    from . import __version__
-
     path = run.dir / CONFIG
     previous = io.read_json(path) if resumed and path.is_file() else {}
     entry = {"config": dataclasses.asdict(run.config), "device": str(run.device), "version": __version__,

@@ -34,11 +34,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .commandline import require
 from .io import image_to_float
 from .network import UNet
-from .tiling import DEFAULT_MEMORY_BUDGET, _predict_spans, _require_finite, _spans, _tile_sides, load_model
+from .runtime import resolve_device
+from .tiling import (
+    DEFAULT_MEMORY_BUDGET,
+    _predict_spans,
+    _require_finite,
+    _spans,
+    _tile_sides,
+    add_prediction_options,
+    load_model,
+)
 
-__all__ = ["predict_volume", "local_cluster", "add_options", "run", "is_zarr", "DTYPES"]
+__all__ = ["predict_volume", "local_cluster", "is_zarr", "names_zarr", "cli", "DTYPES"]
 
 EXTRA = "pip install 'ronneberger2015[volume]'"
 DTYPES = ("float32", "uint8")
@@ -128,8 +138,6 @@ class _Job:
 def _worker_device(requested: str | None) -> torch.device:
     """``requested``, else CUDA when the worker has it (the i-th worker of a LocalCluster takes GPU i
     modulo their count), else the CPU."""
-    from .runtime import resolve_device
-
     device = resolve_device(requested)
     if device.type == "cuda" and device.index is None:
         name = _require()[2].get_worker().name
@@ -411,8 +419,6 @@ def predict_volume(
         raise ValueError(f"class_index must be one of the model's classes 0..{model.num_classes - 1}, "
                          f"got {class_index!r}")
     if scheduler is None and device is not None:
-        from .runtime import resolve_device
-
         resolve_device(device)  # a cluster elsewhere checks it on its workers
     if scheduler is not None and workers is not None:
         raise ValueError(f"workers applies to the local cluster; the cluster at {scheduler} has its own")
@@ -453,8 +459,20 @@ def predict_volume(
     return zarr.open_array(str(path), mode="r")
 
 
-def add_options(parser: argparse.ArgumentParser) -> None:
-    """The ``predict`` command's options for Zarr volumes."""
+def names_zarr(argv: list[str]) -> bool:
+    """Whether the ``predict`` command's arguments name a Zarr store (then ``cli`` runs it)."""
+    return any(is_zarr(arg) for arg in argv if not arg.startswith("-"))
+
+
+def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``python -m ronneberger2015 predict IN.zarr -o OUT.zarr --checkpoint CKPT``: a volume larger than memory,
+    block by block on Dask."""
+    parser = argparse.ArgumentParser(prog=prog, description="Overlap-tile prediction (Fig. 2) of a Zarr volume "
+                                     "larger than memory, block by block with Dask: a Zarr array of cell-interior "
+                                     "probabilities; a run started again resumes.")
+    add_prediction_options(parser, "Zarr array (Y, X) or (Z, Y, X), or an OME-Zarr image group")
+    parser.add_argument("--membrane", action="store_true",
+                        help="write the membrane probability (class 0) instead of the cell interior (class 1)")
     group = parser.add_argument_group("Zarr volumes (pip install 'ronneberger2015[volume]')")
     group.add_argument("--dtype", choices=DTYPES, default="float32", help="uint8: probability x 255, rounded")
     group.add_argument("--block", type=int, nargs="+", metavar="N",
@@ -464,15 +482,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                        help="address of a running Dask scheduler (default: a local cluster)")
     group.add_argument("--workers", type=int, help="local cluster's worker processes "
                        "(default: one per GPU, else one per 4 CPU cores)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """``predict IN.zarr -o OUT.zarr --checkpoint CKPT``: the command's arguments, for a Zarr volume."""
-    unusable = [flag for flag, given in (("--threshold", args.threshold is not None), ("--instances", args.instances),
-                                         ("--threads", args.threads is not None)) if given]
-    if unusable:
-        raise ValueError(f"{', '.join(unusable)}: not for Zarr volumes, which get probabilities (--dtype uint8 "
-                         "scales them to 0-255)")
+    args = parser.parse_args(argv)
+    require(parser, args, "output", "-o/--output")
     block = args.block[0] if args.block and len(args.block) == 1 else args.block
     predict_volume(args.checkpoint, args.input, args.output, tta=args.tta, output_tile=args.output_tile, block=block,
                    dtype=args.dtype, class_index=0 if args.membrane else 1, batch_size=args.batch_size,

@@ -134,7 +134,8 @@ def _maps(
         weights[z] = _class_weights(background[z]) if class_balance else 1.0
         if n >= 2 and w0 > RESOLUTION:
             within, term = _border_term(cells, w0, sigma)
-            weights[z][within] += term
+            with np.errstate(over="ignore"):  # an overflow is refused below, with the fix
+                weights[z][within] += term
     if not np.isfinite(weights).all():
         raise ValueError(f"the weight map overflows float32 with w0 = {w0:g}; use a w0 below 1e37")
     return background, weights

@@ -90,6 +90,39 @@ def test_resume_reaches_the_same_weights(two_slices, tmp_path):
     assert (tmp_path / "a" / "log.csv").read_text() == (tmp_path / "b" / "log.csv").read_text()
 
 
+def _as_version_0_1(checkpoint: dict) -> dict:
+    """The checkpoint as version 0.1 wrote it: expansive-path keys upconv.i.* and up.i.k.*, and the parameters
+    (hence the optimizer's positions) ordered contracting path, up-convolutions, their convolutions, head."""
+    names = list(checkpoint["model"])
+    part = [next(i for i, kind in enumerate(("down.", ".upconv.", ".convs.", "head.")) if kind in name)
+            for name in names]
+    earlier_order = sorted(range(len(names)), key=lambda i: part[i])  # stable: keeps each part's own order
+    position = {now: before for before, now in enumerate(earlier_order)}
+
+    def earlier(name):
+        if ".upconv." in name:
+            return name.replace(".upconv.", ".").replace("up.", "upconv.", 1)
+        return name.replace(".convs.", ".")
+
+    model = {earlier(names[i]): checkpoint["model"][names[i]] for i in earlier_order}
+    (group,) = checkpoint["optimizer"]["param_groups"]
+    optimizer = {"state": {position[i]: s for i, s in checkpoint["optimizer"]["state"].items()},
+                 "param_groups": [{**group, "params": list(range(len(names)))}]}
+    return {**checkpoint, "model": model, "optimizer": optimizer}
+
+
+def test_resume_from_a_checkpoint_of_version_0_1(two_slices, tmp_path):
+    """torch matches momentum to parameters by position; a run checkpointed by version 0.1, whose positions
+    differ, continues with each momentum on its own parameter (it used to crash in the fused step)."""
+    straight = train(*two_slices, tmp_path / "a", TINY, device="cpu", progress=False)
+    train(*two_slices, tmp_path / "b", dataclasses.replace(TINY, iterations=10), device="cpu", progress=False)
+    checkpoint = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    torch.save(_as_version_0_1(checkpoint), tmp_path / "b" / "checkpoint.pt")
+    resumed = train(*two_slices, tmp_path / "b", TINY, device="cpu", resume=True, progress=False)
+    for name, value in _weights(straight).items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+
+
 def test_existing_run_needs_resume(two_slices, tmp_path):
     config = dataclasses.replace(TINY, iterations=5, checkpoint_every=5)
     train(*two_slices, tmp_path, config, device="cpu", progress=False)

@@ -18,7 +18,7 @@ from distributed import LocalCluster
 from ronneberger2015.__main__ import main
 from ronneberger2015.network import UNet
 from ronneberger2015.tiling import predict
-from ronneberger2015.volume import DONE, RECORD, _block_shape, _reflect, is_zarr, predict_volume
+from ronneberger2015.volume import DONE, RECORD, _block_shape, _reflect, is_zarr, names_zarr, predict_volume
 
 NETWORK = {"in_channels": 1, "num_classes": 2, "base_channels": 2, "depth": 3, "dropout": 0.5, "variant": "paper"}
 
@@ -240,6 +240,8 @@ def test_zarr_arguments_choose_the_volume_command(tmp_path):
     volume(tmp_path / "plain", np.zeros((4, 4), np.uint8), (4, 4))
     assert is_zarr("in.zarr/") and is_zarr("out.zarr") and is_zarr(tmp_path / "plain")
     assert not is_zarr(tmp_path) and not is_zarr("out.tif")
+    assert names_zarr(["in.zarr", "-o", "x"]) and names_zarr(["a.tif", "-o", "out.zarr"])
+    assert not names_zarr([str(tmp_path), "-o", "out.tif", "--checkpoint", "c.pt"])
 
 
 def bad_case(tmp_path, case):
