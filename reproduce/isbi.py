@@ -49,8 +49,9 @@ PRESET_NOTES = {
     "smoke": "NOTE: smoke preset: a narrow network and a short schedule that check the pipeline in minutes. "
              "These are NOT the paper's settings and its scores are not the paper's; run on a GPU for --preset paper.",
     "cpu": "NOTE: cpu preset: the paper's recipe and 572 tiles with a 16-channel network (the paper's: 64), for "
-           "machines without a GPU; each of the two training runs takes about an hour on two cores "
-           "(--held-out-only runs one). Its scores are below the paper's network's (docs/results.md).",
+           "machines without a GPU; each of the two training runs (12,000 iterations) takes 45-75 minutes on two "
+           "cores (--held-out-only runs one). It is not the paper's network; its held-out scores and how far they "
+           "are from the paper's: docs/results.md.",
 }
 
 COLUMNS = [("warping_error", "warping error", "{:.6f}"), ("rand_error", "Rand error", "{:.4f}"),

@@ -68,7 +68,7 @@ LAYOUTS = {"fast": torch.channels_last, "plain": torch.contiguous_format}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 """``torch.compile`` modes for the network; "reduce-overhead" replays forward and backward as CUDA graphs."""
 
-RESUMABLE = ("iterations", "learning_rate", "validate_every")
+RESUMABLE = ("iterations", "learning_rate", "lr_steps", "validate_every")
 """Settings a resumed run may change (the log records each iteration's learning rate); all others must match."""
 
 
@@ -80,8 +80,9 @@ class TrainConfig:
     sigma = 5 px, and the elastic deformation (3x3 grid, 10 px); it gives no
     learning rate, schedule or iteration count, so those are our choices
     (docs/training.md gives the reasons). ``input_tile`` is the side of the
-    network's input tile (572 in Fig. 1). The learning rate is constant,
-    Caffe's "fixed" policy. ``precision`` ("fp32" or "bf16" autocast),
+    network's input tile (572 in Fig. 1). The learning rate is
+    ``learning_rate``, multiplied by ``lr_gamma`` after each iteration listed
+    in ``lr_steps`` (Caffe's "multistep" policy; no steps: its "fixed"). ``precision`` ("fp32" or "bf16" autocast),
     ``engine`` (``ENGINES``) and ``compile`` (None or one of ``COMPILE_MODES``)
     choose how the step runs (docs/performance.md measures them).
     ``class_balance`` is the weight map's w_c (Eq. 2). With validation data,
@@ -92,6 +93,8 @@ class TrainConfig:
     iterations: int = 10_000
     input_tile: int = 572
     learning_rate: float = 3e-4
+    lr_steps: tuple[int, ...] = ()
+    lr_gamma: float = 0.1
     momentum: float = 0.99
     weight_decay: float = 0.0
     seed: int = 0
@@ -123,13 +126,22 @@ class TrainConfig:
                              f"multiples of log_every ({self.log_every})")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        self.lr_steps = tuple(self.lr_steps)  # a list from config.json
+        if not all(isinstance(step, int) and step >= 1 for step in self.lr_steps) or not 0 < self.lr_gamma <= 1:
+            raise ValueError(f"lr_steps must be iterations >= 1 and lr_gamma in (0, 1], got {self.lr_steps} and "
+                             f"{self.lr_gamma}")
         output_size(self.input_tile, self.network.get("depth", 4))  # names the nearest valid tiles
+
+    def rate_at(self, iteration: int) -> float:
+        """The learning rate of step ``iteration`` (1, 2, ...): ``lr_gamma`` once for each step passed."""
+        return self.learning_rate * self.lr_gamma ** sum(step < iteration for step in self.lr_steps)
 
 
 PRESETS = {
     # The paper's setting on a GPU: Fig. 1 network and tile.
     "paper": TrainConfig(),
-    # About an hour on two CPU cores: the paper's tile and recipe with a 16-channel network (bf16 autocast).
+    # About an hour on two CPU cores: the paper's tile and recipe with a 16-channel network (bf16 autocast);
+    # lr and iterations measured (docs/results.md).
     "cpu": TrainConfig(
         iterations=12_000,
         learning_rate=1e-3,
@@ -358,8 +370,7 @@ class _Run:
         """Continue from ``checkpoint``: weights, momentum, both generators, the log up to it, the best score."""
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(_in_model_order(checkpoint, self.model))
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.config.learning_rate  # a resumed run may lower it (RESUMABLE)
+        self.set_rate(checkpoint["iteration"] + 1)  # a resumed run may lower it (RESUMABLE)
         self.generator.set_state(checkpoint["rng"]["augment"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if self.device.type == "cuda":
@@ -368,6 +379,11 @@ class _Run:
         self.rows = read_log(self.dir / LOG, self.iteration)  # rows logged after the checkpoint are dropped
         self.best = checkpoint.get("best")
         self.seconds = checkpoint.get("seconds", 0.0)
+
+    def set_rate(self, iteration: int) -> None:
+        """The learning rate of step ``iteration`` (``TrainConfig.rate_at``) in the optimizer."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.rate_at(iteration)
 
     def gives_finite_loss(self) -> bool:
         """Whether the weights are finite and give a finite loss (Eq. 1) on a fixed tile, in eval mode.
@@ -531,6 +547,8 @@ def _loop(run: _Run, validation: Validation | None, started: float, progress: bo
     first_step = run.iteration
     with bar:
         for iteration in range(run.iteration, config.iterations):
+            if iteration in config.lr_steps:
+                run.set_rate(iteration + 1)
             losses[iteration % config.log_every] = training_step(run.forward, run.optimizer, run.augmenter,
                                                                  run.stacks, run.generator)
             run.iteration = done = iteration + 1
@@ -542,7 +560,7 @@ def _loop(run: _Run, validation: Validation | None, started: float, progress: bo
             first = max(first_step, iteration - iteration % config.log_every)  # this block's first iteration
             recent = losses[first % config.log_every : iteration % config.log_every + 1].tolist()  # one host sync
             bad = next((i for i, v in enumerate(recent) if not math.isfinite(v)), None)
-            run.rows += [{"iteration": first + i + 1, "loss": v, "learning_rate": config.learning_rate}
+            run.rows += [{"iteration": first + i + 1, "loss": v, "learning_rate": config.rate_at(first + i + 1)}
                          for i, v in enumerate(recent[:bad])]
             if bad is not None:
                 run.diverged(f"the loss became {recent[bad]} at iteration {first + bad + 1}")
@@ -580,7 +598,10 @@ def add_training_options(parser: argparse.ArgumentParser, presets_help: str | No
     schedule.add_argument("--iterations", type=int, help="number of SGD steps")
     schedule.add_argument("--input-tile", type=int, metavar="SIDE", help="input tile side, a valid size (paper: 572)")
     renamed(parser, "--tile", "--input-tile", dest="input_tile", type=int)
-    schedule.add_argument("--lr", type=float, help="learning rate (constant)")
+    schedule.add_argument("--lr", type=float, help="learning rate")
+    schedule.add_argument("--lr-steps", type=int, nargs="*", metavar="N",
+                          help="iterations after which the learning rate is multiplied by --lr-gamma (none: constant)")
+    schedule.add_argument("--lr-gamma", type=float, help="the factor of each learning-rate step (default 0.1)")
     schedule.add_argument("--seed", type=int, help="run seed")
     execution = parser.add_argument_group("execution")
     execution.add_argument("--precision", choices=PRECISIONS, help="fp32 (reference) or bf16 autocast")
@@ -597,7 +618,7 @@ def config_from_args(args: argparse.Namespace, preset: str, presets: dict[str, T
     network = {**base.network, **{k: v for k, v in (("base_channels", args.base_channels), ("depth", args.depth))
                                   if v is not None}}
     overrides = {"iterations": args.iterations, "input_tile": args.input_tile, "learning_rate": args.lr,
-                 "seed": args.seed,
+                 "lr_steps": args.lr_steps, "lr_gamma": args.lr_gamma, "seed": args.seed,
                  "precision": args.precision, "engine": args.engine, "compile": args.compile, "w0": args.w0,
                  "sigma": args.sigma, "class_balance": args.class_balance, "network": network}
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})

@@ -90,6 +90,43 @@ def test_resume_reaches_the_same_weights(two_slices, tmp_path):
     assert (tmp_path / "a" / "log.csv").read_text() == (tmp_path / "b" / "log.csv").read_text()
 
 
+def test_learning_rate_steps(two_slices, tmp_path):
+    """lr_steps (Caffe's "multistep"): the rate drops by lr_gamma after each listed iteration. A run with a step
+    at 10 reaches the weights of a run that stops at 10 and is resumed with the lower rate; the log records
+    each iteration's rate, and a resumed run continues the schedule."""
+    config = dataclasses.replace(TINY, lr_steps=(10,), lr_gamma=0.1)
+    assert [config.rate_at(i) for i in (1, 10, 11, 20)] == [0.01, 0.01, pytest.approx(0.001), pytest.approx(0.001)]
+    assert TrainConfig(learning_rate=1.0, lr_steps=[2, 4]).rate_at(5) == pytest.approx(0.01)  # a list from JSON
+    stepped = train(*two_slices, tmp_path / "a", config, device="cpu", progress=False)
+    train(*two_slices, tmp_path / "b", dataclasses.replace(TINY, iterations=10), device="cpu", progress=False)
+    lowered = train(*two_slices, tmp_path / "b", dataclasses.replace(TINY, learning_rate=0.001), device="cpu",
+                    resume=True, progress=False)
+    for name, value in _weights(stepped).items():
+        assert torch.equal(value, lowered.state_dict()[name]), name
+    rates = np.loadtxt(tmp_path / "a" / "log.csv", delimiter=",", skiprows=1)[:, 2]
+    assert rates[:10].tolist() == [0.01] * 10 and rates[10:] == pytest.approx([0.001] * 10)
+    train(*two_slices, tmp_path / "c", dataclasses.replace(config, iterations=15), device="cpu", progress=False)
+    resumed = train(*two_slices, tmp_path / "c", config, device="cpu", resume=True, progress=False)
+    for name, value in _weights(stepped).items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+    with pytest.raises(ValueError, match="lr_steps must be"):
+        TrainConfig(lr_steps=(0,))
+    with pytest.raises(ValueError, match="lr_gamma in"):
+        TrainConfig(lr_gamma=2.0)
+
+
+def test_learning_rate_steps_from_the_command_line(two_slices, tmp_path):
+    write_tiff(tmp_path / "i.tif", two_slices[0])
+    write_tiff(tmp_path / "l.tif", two_slices[1])
+    assert main(["train", str(tmp_path / "i.tif"), str(tmp_path / "l.tif"), "-o", str(tmp_path / "run"), "--preset",
+                 "smoke", "--base-channels", "4", "--depth", "3", "--input-tile", "92", "--iterations", "50",
+                 "--lr", "0.01", "--lr-steps", "25", "--lr-gamma", "0.5", "--device", "cpu"]) == 0
+    rates = np.loadtxt(tmp_path / "run" / "log.csv", delimiter=",", skiprows=1, usecols=2)
+    assert rates.tolist() == [0.01] * 25 + [0.005] * 25
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["config"]["lr_steps"] == [25] and config["config"]["lr_gamma"] == 0.5
+
+
 def _as_version_0_1(checkpoint: dict) -> dict:
     """The checkpoint as version 0.1 wrote it: expansive-path keys upconv.i.* and up.i.k.*, and the parameters
     (hence the optimizer's positions) ordered contracting path, up-convolutions, their convolutions, head."""
