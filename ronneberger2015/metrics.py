@@ -63,7 +63,6 @@ __all__ = [
     "warp",
     "topology_errors",
     "thin",
-    "cli",
 ]
 
 FOUR = ndimage.generate_binary_structure(2, 1)
@@ -116,7 +115,7 @@ class Details:
 # Inputs
 
 
-def _probabilities(proposal) -> np.ndarray:
+def _probabilities(proposal: ArrayLike) -> np.ndarray:
     """The proposal as float64 (the challenge compares in double precision), checked to lie in [0, 1]."""
     proposal = np.asarray(proposal)
     if proposal.dtype.kind not in "biuf":
@@ -139,7 +138,7 @@ def _probabilities(proposal) -> np.ndarray:
     return proposal
 
 
-def _prepare(proposal, truth) -> tuple[np.ndarray, np.ndarray]:
+def _prepare(proposal: ArrayLike, truth: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """(Z, H, W) float64 proposal and boolean cell interior of the truth, validated."""
     proposal = _probabilities(proposal)
     truth = np.asarray(truth)
@@ -182,7 +181,7 @@ def _sweep(sweep: np.ndarray, slices: int, measure: Callable[[int, float], tuple
 # F-scores: pixel error, Rand error (Table 1) and V_rand, V_info (thinned)
 
 
-def _f_score(tp, fp, fn) -> np.ndarray:
+def _f_score(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
     """F = 2PR / (P + R) = 2TP / (2TP + FP + FN), elementwise; 1 where neither side has a positive."""
     tp, fp, fn = (np.asarray(x, np.float64) for x in (tp, fp, fn))
     total = 2 * tp + fp + fn
@@ -208,7 +207,7 @@ def _macro_score(sweep: np.ndarray, per_slice: np.ndarray, counts: dict) -> Deta
     return Details(sweep, values, per_slice, counts, best)
 
 
-def _overlap(objects: np.ndarray, segments: np.ndarray):
+def _overlap(objects: np.ndarray, segments: np.ndarray) -> tuple:
     """Pixel counts over the truth's cell interior (label > 0).
 
     Returns the joint counts N_ij of truth object i and proposal segment j >= 1,
@@ -225,7 +224,8 @@ def _overlap(objects: np.ndarray, segments: np.ndarray):
     return joint, truth_sizes, test_sizes[test_sizes > 0], int(inside.sum() - assigned.sum())
 
 
-def _rand_counts(joint, truth_sizes, test_sizes, singletons) -> tuple[int, int, int]:
+def _rand_counts(joint: np.ndarray, truth_sizes: np.ndarray, test_sizes: np.ndarray,
+                 singletons: int) -> tuple[int, int, int]:
     """Foreground-restricted Rand TP, FP, FN in pixel pairs (self-pairs included), from ``_overlap``.
 
     TP = sum_ij N_ij^2 + N_0, FP = sum_j B_j^2 + N_0 - TP, FN = sum_i A_i^2 - TP:
@@ -236,7 +236,8 @@ def _rand_counts(joint, truth_sizes, test_sizes, singletons) -> tuple[int, int, 
     return tp, int(test_sizes @ test_sizes) + singletons - tp, int(truth_sizes @ truth_sizes) - tp
 
 
-def _information(joint, truth_sizes, test_sizes, singletons) -> tuple[float, float, float]:
+def _information(joint: np.ndarray, truth_sizes: np.ndarray, test_sizes: np.ndarray,
+                 singletons: int) -> tuple[float, float, float]:
     """Entropies H(A), H(B) and mutual information I(A;B) in nats, from ``_overlap``.
 
     A: truth objects, B: proposal segments, each proposal label-0 pixel a singleton
@@ -322,7 +323,7 @@ def thin(mask: np.ndarray) -> np.ndarray:
     return labels.reshape(height + 2, width + 2)[1:-1, 1:-1]
 
 
-def _pixel(proposal, inside) -> Details:
+def _pixel(proposal: np.ndarray, inside: np.ndarray) -> Details:
     def counts(z, th):
         test = proposal[z] > th
         tp = np.count_nonzero(test & inside[z])
@@ -331,7 +332,7 @@ def _pixel(proposal, inside) -> Details:
     return _micro_error(SWEEP, _sweep(SWEEP, len(proposal), counts))
 
 
-def _rand(proposal, inside) -> Details:
+def _rand(proposal: np.ndarray, inside: np.ndarray) -> Details:
     objects = _truth_objects(inside)
 
     def counts(z, th):
@@ -340,7 +341,7 @@ def _rand(proposal, inside) -> Details:
     return _micro_error(SWEEP, _sweep(SWEEP, len(proposal), counts))
 
 
-def _thinned(proposal, inside) -> tuple[Details, Details]:
+def _thinned(proposal: np.ndarray, inside: np.ndarray) -> tuple[Details, Details]:
     """V_rand and V_info from one thinning per threshold and slice."""
     objects = _truth_objects(inside)
 
@@ -491,7 +492,7 @@ def _distinct_labels(labels: np.ndarray) -> np.ndarray:
     return 1 + np.count_nonzero(np.diff(ordered, axis=1), axis=1) - (ordered[:, 0] == 0)
 
 
-def _check_radius(radius) -> None:
+def _check_radius(radius: int | None) -> None:
     if radius is not None and not (isinstance(radius, (int, np.integer)) and (radius >= 1 or radius == -1)):
         raise ValueError(f"radius {radius!r}: pass a whole number >= 1 (the challenge: 20), -1 for the whole image, "
                          "or None for the global topological rule")
@@ -582,7 +583,7 @@ def _priorities(distance: np.ndarray, quantum: float | None) -> np.ndarray:
     return distance.astype(np.float32) if quantum is None else np.floor(distance / quantum)
 
 
-def _warping(proposal, inside, radius, quantum) -> Details:
+def _warping(proposal: np.ndarray, inside: np.ndarray, radius: int | None, quantum: float | None) -> Details:
     _check_radius(radius)
     if quantum is not None and not quantum > 0:
         raise ValueError(f"quantum {quantum!r}: pass a positive step (the challenge before mid-2015: 1e-4) or None")
@@ -622,7 +623,7 @@ def warping_error(proposal: ArrayLike, truth: ArrayLike, *, radius: int | None =
 # Foreground overlap: IOU (Jaccard index) and Dice
 
 
-def _foreground(proposal, truth, threshold: float) -> tuple[int, int, int]:
+def _foreground(proposal: ArrayLike, truth: ArrayLike, threshold: float) -> tuple[int, int, int]:
     """Pixel counts |P & T|, |P|, |T| of P = ``proposal > threshold`` and T = ``truth > 0`` over all slices."""
     proposal, inside = _prepare(proposal, truth)
     if not 0.0 <= threshold < 1.0:
@@ -631,7 +632,7 @@ def _foreground(proposal, truth, threshold: float) -> tuple[int, int, int]:
     return int(np.count_nonzero(predicted & inside)), int(np.count_nonzero(predicted)), int(np.count_nonzero(inside))
 
 
-def iou(proposal, truth, *, threshold: float = 0.5) -> float:
+def iou(proposal: ArrayLike, truth: ArrayLike, *, threshold: float = 0.5) -> float:
     """Foreground intersection over union |P & T| / |P | T| of P = ``proposal > threshold`` and T = ``truth > 0``.
 
     Pixels of all slices are counted together; 1 where both are empty. This is
@@ -643,7 +644,7 @@ def iou(proposal, truth, *, threshold: float = 0.5) -> float:
     return both / union if union else 1.0
 
 
-def dice(proposal, truth, *, threshold: float = 0.5) -> float:
+def dice(proposal: ArrayLike, truth: ArrayLike, *, threshold: float = 0.5) -> float:
     """Foreground Dice coefficient 2 |P & T| / (|P| + |T|), with P and T as in ``iou``; 1 where both are empty."""
     both, predicted, true = _foreground(proposal, truth, threshold)
     return 2 * both / (predicted + true) if predicted + true else 1.0
@@ -676,7 +677,7 @@ class Matches:
         return {int(z): float(self.jaccard[self.frames == z].mean()) for z in np.unique(self.frames)}
 
 
-def _instances(labels, name: str) -> np.ndarray:
+def _instances(labels: ArrayLike, name: str) -> np.ndarray:
     """``labels`` as a checked (Z, H, W) int64 stack of cell ids (0 = background)."""
     labels = np.asarray(labels)
     if labels.ndim not in (2, 3) or labels.size == 0:

@@ -49,8 +49,7 @@ from .weightmap import label_reading, target_and_weights
 
 __all__ = ["TrainConfig", "PRESETS", "ENGINES", "COMPILE_MODES", "RESUMABLE", "forward_and_optimizer", "train",
            "training_step",
-           "TrainingDiverged", "TrainingWarning", "read_log", "plot_loss", "add_training_options", "config_from_args",
-           "cli"]
+           "TrainingDiverged", "TrainingWarning", "read_log", "plot_loss", "add_training_options", "config_from_args"]
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"

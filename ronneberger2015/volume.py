@@ -48,7 +48,7 @@ from .tiling import (
     load_model,
 )
 
-__all__ = ["predict_volume", "local_cluster", "is_zarr", "names_zarr", "cli", "DTYPES"]
+__all__ = ["predict_volume", "local_cluster", "is_zarr", "names_zarr", "DTYPES"]
 
 EXTRA = "pip install 'ronneberger2015[volume]'"
 DTYPES = ("float32", "uint8")

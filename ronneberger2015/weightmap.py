@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from .io import output_files, read_images, save_figure, write_tiff
 
-__all__ = ["weight_map", "target_and_weights", "separate_instances", "label_reading", "LabelReading", "cli"]
+__all__ = ["weight_map", "target_and_weights", "separate_instances", "label_reading", "LabelReading"]
 
 W0 = 10.0
 SIGMA = 5.0
