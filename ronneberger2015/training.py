@@ -48,8 +48,8 @@ from .validation import SCORES, Validation, diagnose, improves, validate, valida
 from .weightmap import label_reading, target_and_weights
 
 __all__ = ["TrainConfig", "PRESETS", "ENGINES", "COMPILE_MODES", "RESUMABLE", "forward_and_optimizer", "train",
-           "training_step",
-           "TrainingDiverged", "TrainingWarning", "read_log", "plot_loss", "add_training_options", "config_from_args"]
+           "training_step", "TrainingDiverged", "TrainingWarning", "read_log", "plot_loss", "add_training_options",
+           "config_from_args"]
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -81,9 +81,10 @@ class TrainConfig:
     (docs/training.md gives the reasons). ``input_tile`` is the side of the
     network's input tile (572 in Fig. 1). The learning rate is
     ``learning_rate``, multiplied by ``lr_gamma`` after each iteration listed
-    in ``lr_steps`` (Caffe's "multistep" policy; no steps: its "fixed"). ``precision`` ("fp32" or "bf16" autocast),
-    ``engine`` (``ENGINES``) and ``compile`` (None or one of ``COMPILE_MODES``)
-    choose how the step runs (docs/performance.md measures them).
+    in ``lr_steps`` (Caffe's "multistep" policy; no steps: its "fixed").
+    ``precision`` ("fp32" or "bf16" autocast), ``engine`` (``ENGINES``) and
+    ``compile`` (None or one of ``COMPILE_MODES``) choose how the step runs
+    (docs/performance.md measures them).
     ``class_balance`` is the weight map's w_c (Eq. 2). With validation data,
     scores are computed every ``validate_every`` iterations (0: at the end
     only) and ``select_by`` (one of ``validation.SCORES``) chooses ``best.pt``.
