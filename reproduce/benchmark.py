@@ -11,6 +11,7 @@ import functools
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 
@@ -81,6 +82,11 @@ def _forward_flops(network: dict, side: int) -> int:
     return sum(flops)
 
 
+def _gib(value: float | None) -> str:
+    """A memory figure in GiB as the tables print it; '-' where none was measured (the CPU)."""
+    return "-" if value is None else f"{value:.2f} GiB"
+
+
 def _matmul_peak(device) -> tuple[float, str]:
     """FLOP/s of a large matrix product on ``device``, the floor's rate, and its dtype's name: bfloat16 on a
     GPU, float32 on the CPU."""
@@ -139,7 +145,7 @@ def bench_weightmap(args: argparse.Namespace) -> None:
           f"({len(brute_ms)} slices); ratio {brute / statistics.mean(ours_ms[: len(brute_ms)]):.0f}x")
 
 
-def bench_augment(args: argparse.Namespace) -> None:
+def bench_augment(args: argparse.Namespace) -> dict:
     """Sec. 3.1: ms per 572 tile, ours (draw + warp image, labels, weights) vs scipy map_coordinates."""
     import torch
     from scipy import ndimage
@@ -159,23 +165,27 @@ def bench_augment(args: argparse.Namespace) -> None:
     print(f"augmentation of 572x572 tiles (labels and weights 388x388), device {device}, "
           f"torch threads {torch.get_num_threads()}")
     print(f"{'method':<48} {'batch':>5} {'ms/tile':>9}")
-    ours = {}
+    ours, rows = {}, []
     for batch in (1, 8):
         run = functools.partial(_repeat, calls, augmenter, images, labels, weights, batch_size=batch,
                                 generator=generator)
         ours[batch] = timeit(run, repeat=repeat, device=device) / (calls * batch)
-        print(f"{'ours: Augmenter (bilinear image)':<48} {batch:>5} {ours[batch]:>9.3f}")
+        rows.append({"method": "ours: Augmenter (bilinear image)", "batch": batch, "ms_per_tile": ours[batch]})
+        print(f"{rows[-1]['method']:<48} {batch:>5} {ours[batch]:>9.3f}")
     params = augmenter.draw(1, images.shape, generator=generator)
     positions = augmenter.coordinates(params)[0].cpu().numpy()
     source = images[params.slice_index].cpu().numpy()[0]
     for order in (3, 1):
         warp = functools.partial(ndimage.map_coordinates, source, positions, order=order, mode="mirror")
         ms = timeit(warp, repeat=1 if args.quick else 5)
-        print(f"{f'scipy map_coordinates, order {order}, image only':<48} {1:>5} {ms:>9.3f}"
+        rows.append({"method": f"scipy map_coordinates, order {order}, image only", "batch": 1, "ms_per_tile": ms})
+        print(f"{rows[-1]['method']:<48} {1:>5} {ms:>9.3f}"
               f"   ({ms / ours[1]:.1f}x ours at batch 1, {ms / ours[8]:.1f}x at batch 8)")
+    return {"device": str(device), "torch_threads": torch.get_num_threads(), "calls_per_timing": calls,
+            "rows": rows}
 
 
-def bench_predict(args: argparse.Namespace) -> None:
+def bench_predict(args: argparse.Namespace) -> dict:
     """Fig. 2: ms per 512x512 slice of ``predict`` on a stack, with and without TTA, against one plain
     forward pass per mirrored slice (torch's default NCHW layout; ``predict`` runs channels_last), in fp32
     (TF32 off) and bf16 autocast; then the largest network input and the memory as the image grows."""
@@ -195,7 +205,7 @@ def bench_predict(args: argparse.Namespace) -> None:
     network = {"base_channels": 2} if args.quick else {}  # the paper's network unless --quick
     model = UNet(**network).to(device).eval()
     # The paper's network takes seconds per slice on a CPU: there, time 2 slices once and report per slice.
-    slices = 30 if cuda else 2
+    slices = 10 if cuda else 2
     repeat, warmup = (5, 1) if cuda else (1, 1) if args.quick else (1, 0)
     stack = np.random.default_rng(0).integers(0, 256, (slices, 512, 512), dtype=np.uint8)
     border = model.border
@@ -210,12 +220,12 @@ def bench_predict(args: argparse.Namespace) -> None:
                 logits = model(torch.from_numpy(padded)[None, None].to(device))
                 torch.softmax(logits.float(), dim=1)[0, :, :512, :512].cpu().numpy()
 
-    def peak(function: Callable[[], object]) -> str:
+    def peak(function: Callable[[], object]) -> float | None:
         if not cuda:
-            return "-"
+            return None
         torch.cuda.reset_peak_memory_stats(device)
         function()
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+        return torch.cuda.max_memory_allocated(device) / 2**30
 
     slice_flops = _forward_flops(network, 700)  # one pass over a mirrored slice
     rate, rate_dtype = _matmul_peak(device)
@@ -227,12 +237,16 @@ def bench_predict(args: argparse.Namespace) -> None:
           f"floor {floor:.3g} ms per pass")
     print(f"{'method':<36} {'precision':>9} {'ms/slice':>9} {'TFLOP/s':>8} {'vs fp32':>8} {'vs bf16':>8} "
           f"{'x floor':>8} {'peak GPU':>9}")
-    baselines = {}
+    baselines, rows = {}, []
 
-    def row(name: str, precision: str, ms: float, memory: str, passes: int = 1) -> None:
-        versus = [f"{baselines[p] / ms:>7.2f}x" if p in baselines else f"{'-':>8}" for p in ("fp32", "bf16")]
-        print(f"{name:<36} {precision:>9} {ms:>9.2f} {passes * slice_flops / ms / 1e9:>8.3g} {' '.join(versus)} "
-              f"{ms / (passes * floor):>8.1f} {memory:>9}")
+    def row(name: str, precision: str, ms: float, memory: float | None, passes: int = 1) -> None:
+        versus = {p: baselines[p] / ms if p in baselines else None for p in ("fp32", "bf16")}
+        rows.append({"method": name, "precision": precision, "ms_per_slice": ms, "passes": passes,
+                     "tflops": passes * slice_flops / ms / 1e9, "vs_plain_fp32": versus["fp32"],
+                     "vs_plain_bf16": versus["bf16"], "x_floor": ms / (passes * floor), "peak_gpu_gib": memory})
+        shown = " ".join(f"{v:>7.2f}x" if v is not None else f"{'-':>8}" for v in versus.values())
+        print(f"{name:<36} {precision:>9} {ms:>9.2f} {rows[-1]['tflops']:>8.3g} {shown} "
+              f"{ms / (passes * floor):>8.1f} {_gib(memory):>9}")
 
     for precision in ("fp32", "bf16"):
         if warmup == 0:  # the CPU's one-time set-up of each layout and precision, outside the single timing
@@ -257,13 +271,19 @@ def bench_predict(args: argparse.Namespace) -> None:
     sweep.register_forward_pre_hook(lambda module, inputs: shapes.append(tuple(inputs[0].shape)))
     print(f"\nimage size against memory: UNet(base_channels={sweep.base_channels}) on {device}, {options}")
     print(f"{'image':>12} {'seconds':>8} {'largest forward input':>22} {'result (host)':>14} {'peak GPU':>9}")
+    sizes = []
     for side in (600, 1200) if args.quick else (1024, 4096, 10000):
         shapes.clear()
         image = np.random.default_rng(0).integers(0, 256, (side, side), dtype=np.uint8)
         run = functools.partial(predict, sweep, image, device=device, **options)
         seconds = timeit(run, repeat=1, warmup=0, device=device) / 1e3
+        sizes.append({"side": side, "seconds": seconds, "largest_input": list(max(shapes)),
+                      "result_gib": 2 * side * side * 4 / 2**30, "peak_gpu_gib": peak(run)})
         print(f"{f'{side}x{side}':>12} {seconds:>8.1f} {str(max(shapes)):>22} "
-              f"{2 * side * side * 4 / 2**30:>10.2f} GiB {peak(run):>9}")
+              f"{sizes[-1]['result_gib']:>10.2f} GiB {_gib(sizes[-1]['peak_gpu_gib']):>9}")
+    return {"network": network, "device": str(device), "torch_threads": torch.get_num_threads(), "slices": slices,
+            "repeat": repeat, "warmup": warmup, "pass_tflop": slice_flops / 1e12, "peak_tflops": rate / 1e12,
+            "peak_dtype": rate_dtype, "floor_ms": floor, "rows": rows, "sizes": sizes}
 
 
 def bench_metrics(args: argparse.Namespace) -> None:
@@ -381,7 +401,7 @@ def bench_threads(args: argparse.Namespace) -> None:
     print(f"load average after {os.getloadavg()[0]:.2f}; vs default: above 1 is faster than torch's default")
 
 
-def bench_train(args: argparse.Namespace) -> None:
+def bench_train(args: argparse.Namespace) -> dict:
     """Sec. 3: ms per training step (batch 1: forward, Eq. 1, backward, SGD with momentum 0.99).
 
     Baselines: the plain engine's eager step on one fixed tile (no
@@ -440,7 +460,7 @@ def bench_train(args: argparse.Namespace) -> None:
           f"measured peak {peak / 1e12:.3g} TFLOP/s ({peak_dtype} matrix product), "
           f"floor {step_flops / peak * 1e3:.2f} ms; median of {repeat} after {warmup} warm-up")
     print(f"{'method':<44} {'ms/step':>9} {'TFLOP/s':>8} {'vs fp32':>8} {'vs bf16':>8} {'x floor':>8} {'peak GPU':>9}")
-    times = {}
+    times, table = {}, []
     for name, engine_name, precision, mode, source in rows:
         run = _step(dataclasses.replace(base, engine=engine_name, precision=precision, compile=mode), source, stacks,
                     generator, device)
@@ -448,11 +468,15 @@ def bench_train(args: argparse.Namespace) -> None:
             torch.cuda.reset_peak_memory_stats(device)
         ms = timeit(run, repeat=repeat, warmup=warmup + 2 * bool(mode), device=device)
         times[name, precision] = ms
-        versus = [f"{times['plain eager', p] / ms:>7.2f}x" if ("plain eager", p) in times else f"{'-':>8}"
-                  for p in ("fp32", "bf16")]
-        memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if cuda else "-"
-        print(f"{f'{name}, {precision}':<44} {ms:>9.2f} {step_flops / ms / 1e9:>8.3g} {' '.join(versus)} "
-              f"{ms / (step_flops / peak * 1e3):>8.1f} {memory:>9}")
+        versus = {p: times["plain eager", p] / ms if ("plain eager", p) in times else None for p in ("fp32", "bf16")}
+        memory = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+        table.append({"method": name, "engine": engine_name, "precision": precision, "compile": mode,
+                      "ms_per_step": ms, "tflops": step_flops / ms / 1e9, "vs_plain_fp32": versus["fp32"],
+                      "vs_plain_bf16": versus["bf16"], "x_floor": ms / (step_flops / peak * 1e3),
+                      "peak_gpu_gib": memory})
+        shown = " ".join(f"{v:>7.2f}x" if v is not None else f"{'-':>8}" for v in versus.values())
+        print(f"{f'{name}, {precision}':<44} {ms:>9.2f} {step_flops / ms / 1e9:>8.3g} {shown} "
+              f"{ms / (step_flops / peak * 1e3):>8.1f} {_gib(memory):>9}")
     print("vs fp32 / vs bf16: how many times faster than the plain eager step (above 1 is faster)")
 
     # Agreement: one step on the fixed tile, dropout off (its masks depend on the layout), against float64.
@@ -468,11 +492,18 @@ def bench_train(args: argparse.Namespace) -> None:
     relative = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
     print("\none step on the fixed tile (dropout off) against the float64 step: ||a - b|| / ||b||")
     print(f"{'engine, precision':<24} {'logits':>9} {'gradients':>10}")
+    agreement = []
     for engine_name in ("plain", "fast"):
         for precision in ("fp32", "bf16"):
             logits, gradients = outputs(dataclasses.replace(base, engine=engine_name, precision=precision))
-            print(f"{f'{engine_name}, {precision}':<24} {relative(logits, exact[0]):>9.2e} "
-                  f"{relative(gradients, exact[1]):>10.2e}")
+            agreement.append({"engine": engine_name, "precision": precision, "logits": relative(logits, exact[0]),
+                              "gradients": relative(gradients, exact[1])})
+            print(f"{f'{engine_name}, {precision}':<24} {agreement[-1]['logits']:>9.2e} "
+                  f"{agreement[-1]['gradients']:>10.2e}")
+    return {"network": network, "tile": tile, "device": str(device), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "repeat": repeat, "warmup": warmup,
+            "step_tflop": step_flops / 1e12, "peak_tflops": peak / 1e12, "peak_dtype": peak_dtype,
+            "floor_ms": step_flops / peak * 1e3, "rows": table, "agreement": agreement}
 
 
 def _peak_rss() -> int:
@@ -566,6 +597,8 @@ BENCHMARKS = {
     "threads": bench_threads,
     "volume": bench_volume,
 }
+RECORDED = ("augment", "predict", "train")
+"""The benchmarks whose figures ``--json`` writes (the ones ``python -m reproduce.gpu`` runs)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -581,8 +614,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", nargs="*", default=[], metavar="MODE",
                         help="train: also time the fast bf16 step with torch.compile in these modes "
                              "(default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs)")
+    parser.add_argument("--json", type=Path, metavar="PATH",
+                        help=f"{', '.join(RECORDED)}: also write every figure to this JSON file")
     args = parser.parse_args(argv)
-    BENCHMARKS[args.which](args)
+    if args.json and args.which not in RECORDED:
+        parser.error(f"--json records the figures of {', '.join(RECORDED)}, not {args.which}")
+    figures = BENCHMARKS[args.which](args)
+    if args.json:
+        from ronneberger2015.io import write_json
+
+        command = " ".join(["python -m reproduce.benchmark", *(sys.argv[1:] if argv is None else argv)])
+        write_json(args.json, {"benchmark": args.which, "command": command, **figures})
     return 0
 
 

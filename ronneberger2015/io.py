@@ -170,10 +170,11 @@ def output_files(source: Path, files: list[Path], output: Path, *, floats: bool)
     return targets
 
 
-def write_tiff(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Write ``array`` ((H, W) or (Z, H, W)) atomically as a TIFF, one page per slice."""
+def write_tiff(path: str | os.PathLike, array: np.ndarray, *, compression: str | None = None) -> None:
+    """Write ``array`` ((H, W) or (Z, H, W)) atomically as a TIFF, one page per slice; ``compression`` is
+    tifffile's name of a codec ("zlib" is read without imagecodecs)."""
     with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, np.asarray(array), photometric="minisblack")
+        tifffile.imwrite(tmp, np.asarray(array), photometric="minisblack", compression=compression)
 
 
 def write_image(path: str | os.PathLike, array: np.ndarray) -> None:

@@ -174,7 +174,9 @@ def forward_and_optimizer(model: UNet, config: TrainConfig):
 
     "fast" moves the model's weights to channels_last (in place, as
     ``Module.to``), feeds it channels_last tiles and updates with the fused
-    SGD kernel; "plain" keeps torch's defaults. ``precision`` "bf16" wraps the
+    SGD kernel; on a GPU it also lets cuDNN time its kernels once per tile
+    shape (``torch.backends.cudnn.benchmark``, a global setting that stays
+    on). "plain" keeps torch's defaults. ``precision`` "bf16" wraps the
     forward pass in bf16 autocast (weights, gradients and momentum stay
     float32); ``compile`` compiles the forward pass (its backward follows).
     Returns ``(forward, optimizer)``; ``forward(x)`` gives the logits.
@@ -186,6 +188,8 @@ def forward_and_optimizer(model: UNet, config: TrainConfig):
                                 weight_decay=config.weight_decay, fused=fast or None)
     network = torch.compile(model, mode=config.compile) if config.compile else model
     device = next(model.parameters()).device
+    if fast and device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # one tile shape for the whole run
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if config.compile:
@@ -603,6 +607,8 @@ def add_training_options(parser: argparse.ArgumentParser, presets_help: str | No
                           help="iterations after which the learning rate is multiplied by --lr-gamma (none: constant)")
     schedule.add_argument("--lr-gamma", type=float, help="the factor of each learning-rate step (default 0.1)")
     schedule.add_argument("--seed", type=int, help="run seed")
+    schedule.add_argument("--validate-every", type=int, metavar="N", help="iterations between scores on the held-out "
+                          "images (default: the preset's, 1000 for paper and cpu; 0: at the end only)")
     execution = parser.add_argument_group("execution")
     execution.add_argument("--precision", choices=PRECISIONS, help="fp32 (reference) or bf16 autocast")
     execution.add_argument("--engine", choices=ENGINES,
@@ -619,6 +625,7 @@ def config_from_args(args: argparse.Namespace, preset: str, presets: dict[str, T
                                   if v is not None}}
     overrides = {"iterations": args.iterations, "input_tile": args.input_tile, "learning_rate": args.lr,
                  "lr_steps": args.lr_steps, "lr_gamma": args.lr_gamma, "seed": args.seed,
+                 "validate_every": args.validate_every,
                  "precision": args.precision, "engine": args.engine, "compile": args.compile, "w0": args.w0,
                  "sigma": args.sigma, "class_balance": args.class_balance, "network": network}
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
@@ -654,8 +661,6 @@ def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
     validation = parser.add_argument_group("validation")
     validation.add_argument("--val", nargs=2, type=Path, metavar=("IMAGES", "LABELS"),
                             help="held-out images and labels, scored during training (log.csv, loss.png)")
-    validation.add_argument("--validate-every", type=int, metavar="N", help="iterations between validations "
-                            "(default: the preset's, 1000 for paper and cpu; 0: at the end only)")
     validation.add_argument("--select-by", choices=sorted(SCORES), help="the validation score that chooses best.pt "
                             "(default vrand; seg needs instance labels)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint; "
@@ -664,7 +669,7 @@ def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
     require(parser, args, "output", "-o/--output")
     set_threads(args.threads, note_if_busy=True)
     config = config_from_args(args, args.preset or "paper")
-    extra = {"instances": args.instances, "validate_every": args.validate_every, "select_by": args.select_by}
+    extra = {"instances": args.instances, "select_by": args.select_by}
     config = dataclasses.replace(config, **{k: v for k, v in extra.items() if v is not None})
     device = resolve_device(args.device)
     images, labels = _read_pair(args.images, args.labels)

@@ -235,7 +235,7 @@ def test_shapes_and_errors():
         Augmenter(60, 40)(images, labels[:1], weights)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_matches_cpu_without_host_sync():
     stacks = as_tensors(*random_stacks(10))
     augmenter = Augmenter(60, 20)

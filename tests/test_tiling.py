@@ -182,6 +182,19 @@ def test_bf16_autocast_is_close_to_fp32():
     np.testing.assert_allclose(predict(model, image, precision="bf16"), predict(model, image), atol=3e-2)
 
 
+@pytest.mark.cuda
+def test_cuda_predicts_what_the_cpu_predicts(monkeypatch):
+    """Overlap-tile prediction with TTA on the GPU (channels_last, batched tiles) gives the CPU's probabilities:
+    to rounding in fp32 (TF32 off), within bf16's error in bf16 autocast; the model stays on its device."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model, stack = tiny(depth=4), random_image(3, 300, 260)
+    on_cpu = predict(model, stack, tta=True, output_tile=100, device="cpu")
+    for precision, tolerance in (("fp32", 1e-5), ("bf16", 5e-2)):
+        on_gpu = predict(model, stack, tta=True, output_tile=100, device="cuda", precision=precision)
+        assert on_gpu.shape == on_cpu.shape and np.isfinite(on_gpu).all()
+        assert np.abs(on_gpu - on_cpu).max() < tolerance, precision
+
+
 def test_multichannel_model():
     model, stack = tiny(in_channels=2, num_classes=3), random_image(2, 2, 30, 20)
     got = predict(model, stack)

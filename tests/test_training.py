@@ -10,6 +10,7 @@ import torch
 
 from ronneberger2015 import training as train_module
 from ronneberger2015.__main__ import main
+from ronneberger2015.augment import Augmenter
 from ronneberger2015.io import load_checkpoint, write_tiff
 from ronneberger2015.loss import weighted_cross_entropy
 from ronneberger2015.metrics import vrand
@@ -21,7 +22,7 @@ from ronneberger2015.weightmap import separate_instances, target_and_weights
 
 pytestmark = pytest.mark.filterwarnings("ignore::ronneberger2015.training.TrainingWarning")  # tiny runs do not learn
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 TINY = TrainConfig(iterations=20, input_tile=92, learning_rate=0.01, log_every=5, checkpoint_every=10,
                    network=dict(base_channels=4, depth=3, dropout=0.5, variant="paper"))
@@ -88,6 +89,36 @@ def test_resume_reaches_the_same_weights(two_slices, tmp_path):
     for name, value in _weights(straight).items():
         assert torch.equal(value, resumed.state_dict()[name]), name
     assert (tmp_path / "a" / "log.csv").read_text() == (tmp_path / "b" / "log.csv").read_text()
+
+
+@pytest.mark.cuda
+def test_cuda_run_resumes_validates_and_never_waits_for_the_host(two_slices, isbi, tmp_path):
+    """On the GPU: a training step queues its work without a host-device synchronisation; a run validated on
+    held-out crops and resumed from its checkpoint (the CUDA generators restored) reaches the weights of an
+    uninterrupted run, up to cuDNN's choice of kernels."""
+    stacks = train_module._stacks(*two_slices, TINY, torch.device("cuda"))
+    model = UNet(**TINY.network).cuda().train()
+    forward, optimizer = forward_and_optimizer(model, TINY)
+    augmenter = Augmenter(TINY.input_tile, model.output_size(TINY.input_tile))
+    generator = torch.Generator("cuda").manual_seed(0)
+    train_module.training_step(forward, optimizer, augmenter, stacks, generator)  # warm-up: cuDNN's set-up syncs
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        train_module.training_step(forward, optimizer, augmenter, stacks, generator)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    held_out = (isbi.train_images[20:22, :128, :128], isbi.train_labels[20:22, :128, :128])
+    config = dataclasses.replace(TINY, validate_every=10)
+    straight = train(*two_slices, tmp_path / "a", config, validation=held_out, device="cuda", progress=False)
+    train(*two_slices, tmp_path / "b", dataclasses.replace(config, iterations=10), validation=held_out,
+          device="cuda", progress=False)
+    resumed = train(*two_slices, tmp_path / "b", config, validation=held_out, device="cuda", resume=True,
+                    progress=False)
+    for name, value in _weights(straight).items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-3, atol=1e-5, msg=name)
+    rows = [row for row in train_module.read_log(tmp_path / "b" / "log.csv") if "vrand" in row]
+    assert [row["iteration"] for row in rows] == [10, 20] and all(0 <= row["vrand"] <= 1 for row in rows)
+    assert (tmp_path / "b" / "best.pt").is_file()
 
 
 def test_learning_rate_steps(two_slices, tmp_path):

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-import zarr
-from distributed import LocalCluster
 
 from ronneberger2015.__main__ import main
 from ronneberger2015.network import UNet
 from ronneberger2015.tiling import predict
 from ronneberger2015.volume import DONE, RECORD, _block_shape, _reflect, is_zarr, names_zarr, predict_volume
+
+zarr = pytest.importorskip("zarr", reason="the volume extra: pip install 'ronneberger2015[volume]'")
+LocalCluster = pytest.importorskip("distributed", reason="the volume extra").LocalCluster
 
 NETWORK = {"in_channels": 1, "num_classes": 2, "base_channels": 2, "depth": 3, "dropout": 0.5, "variant": "paper"}
 
