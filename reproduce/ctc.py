@@ -25,6 +25,7 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -148,7 +149,9 @@ def table(name: str, rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, reduce: Callable[[ctc.Annotated], ctc.Annotated] | None = None) -> int:
+    """The command; ``reduce``, if given, is applied to each side of a direction before training (the dry run
+    of ``python -m reproduce.gpu`` keeps a few frames, cropped)."""
     parser = argparse.ArgumentParser(prog="python -m reproduce.ctc", description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=tuple(ctc.DATASETS), help="the data set of Table 2")
     add_training_options(parser, "starting settings: paper (Fig. 1 network, 572 tiles, 8-fold test-time "
@@ -165,18 +168,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue the runs in --output from their checkpoints")
     args = parser.parse_args(argv)
     try:
-        return _replay(args, argv)
+        return _replay(args, argv, reduce)
     except (DataError, TrainingDiverged, FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
 
-def _replay(args: argparse.Namespace, argv: list[str] | None) -> int:
+def _replay(args: argparse.Namespace, argv: list[str] | None, reduce: Callable | None) -> int:
     set_threads(args.threads, note_if_busy=True)
     device = resolve_device(args.device)
     preset = args.preset or ("paper" if device.type == "cuda" else "cpu")
     config = config_from_args(args, preset, PRESETS)
     pairs = directions(args.name, args.data_dir)[: 1 if args.one_direction else 2]
+    if reduce:
+        pairs = [(reduce(training), reduce(held_out)) for training, held_out in pairs]
     out = args.output or Path("runs") / f"{args.name}-{preset}-seed{config.seed}"
     tta = preset == "paper"
     print(PRESET_NOTES.get(preset, ""), end="\n" if preset in PRESET_NOTES else "")

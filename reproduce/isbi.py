@@ -22,12 +22,13 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ronneberger2015 import io
 from ronneberger2015.commandline import renamed, set_threads
-from ronneberger2015.data import load_isbi
+from ronneberger2015.data import IsbiData, load_isbi
 from ronneberger2015.metrics import evaluate
 from ronneberger2015.runtime import resolve_device
 from ronneberger2015.tiling import predict
@@ -88,7 +89,9 @@ def overlay(image: np.ndarray, truth: np.ndarray, probability: np.ndarray, path:
     io.save_figure(figure, path, dpi=100)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, reduce: Callable[[IsbiData], IsbiData] | None = None) -> int:
+    """The command; ``reduce``, if given, is applied to the stacks read from ``--data-dir`` (the dry run of
+    ``python -m reproduce.gpu`` crops them)."""
     parser = argparse.ArgumentParser(prog="python -m reproduce.isbi", description=__doc__.splitlines()[0])
     add_training_options(parser)
     parser.add_argument("-o", "--output", type=Path, help="run folder (default: runs/isbi-PRESET-seedSEED)")
@@ -98,13 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held-out-only", action="store_true", help="skip the final run on all 30 slices")
     args = parser.parse_args(argv)
     try:
-        return _replay(args, argv)
+        return _replay(args, argv, reduce)
     except (TrainingDiverged, FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
 
-def _replay(args: argparse.Namespace, argv: list[str] | None) -> int:
+def _replay(args: argparse.Namespace, argv: list[str] | None, reduce: Callable | None) -> int:
     set_threads(args.threads, note_if_busy=True)
     device = resolve_device(args.device)
     preset = args.preset or ("paper" if device.type == "cuda" else "smoke")
@@ -113,6 +116,8 @@ def _replay(args: argparse.Namespace, argv: list[str] | None) -> int:
         config = dataclasses.replace(config, seed=0)
     out = args.output or Path("runs") / f"isbi-{preset}-seed{config.seed}"
     data = load_isbi(args.data_dir)
+    if reduce:
+        data = reduce(data)
     print(PRESET_NOTES.get(preset, ""), end="\n" if preset in PRESET_NOTES else "")
     print(f"replaying ISBI 2012 with preset {preset!r} on {device} ({device_name(device)}); run folder {out}")
     record = {"preset": preset, "train": dataclasses.asdict(config), "tta": "8 dihedral transforms",
