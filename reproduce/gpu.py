@@ -339,6 +339,11 @@ def fit_iterations(seconds: float, phases: list[int], step_s: float, validation_
     return max(0, n - n % every if n >= every else n - n % granule)
 
 
+def fit_cost(iterations: int, runs: int, step_s: float, validation_s: float, every: int, overhead_s: float) -> float:
+    """Seconds ``fit_iterations`` predicts for one phase of ``runs`` concurrent runs of ``iterations``."""
+    return overhead_s + iterations * (runs * step_s + validation_s / every)
+
+
 def _validation_seconds(session: Session) -> float:
     """Seconds one held-out validation of Table 1 takes: the five measures timed on one slice (its truth
     blurred, with noise: a network early in training), times the ten slices, plus the checkpoint beside it."""
@@ -428,11 +433,6 @@ def stage_table1(session: Session) -> dict:
                cost=cost(again))
     result["best"] = _mean_of_best(result)
     return result
-
-
-def fit_cost(iterations: int, runs: int, step_s: float, validation_s: float, every: int, overhead_s: float) -> float:
-    """Seconds ``fit_iterations`` predicts for one phase of ``runs`` concurrent runs of ``iterations``."""
-    return overhead_s + iterations * (runs * step_s + validation_s / every)
 
 
 def _phase(session: Session, phase: str, runs: list[Run], *, deadline: float, cost) -> None:
