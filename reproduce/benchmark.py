@@ -87,6 +87,11 @@ def _gib(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f} GiB"
 
 
+def _ratios(versus: dict) -> str:
+    """The "vs fp32" and "vs bf16" columns: how many times faster than each plain baseline; '-' before it."""
+    return " ".join(f"{v:>7.2f}x" if v is not None else f"{'-':>8}" for v in versus.values())
+
+
 def _matmul_peak(device) -> tuple[float, str]:
     """FLOP/s of a large matrix product on ``device``, the floor's rate, and its dtype's name: bfloat16 on a
     GPU, float32 on the CPU."""
@@ -244,8 +249,7 @@ def bench_predict(args: argparse.Namespace) -> dict:
         rows.append({"method": name, "precision": precision, "ms_per_slice": ms, "passes": passes,
                      "tflops": passes * slice_flops / ms / 1e9, "vs_plain_fp32": versus["fp32"],
                      "vs_plain_bf16": versus["bf16"], "x_floor": ms / (passes * floor), "peak_gpu_gib": memory})
-        shown = " ".join(f"{v:>7.2f}x" if v is not None else f"{'-':>8}" for v in versus.values())
-        print(f"{name:<36} {precision:>9} {ms:>9.2f} {rows[-1]['tflops']:>8.3g} {shown} "
+        print(f"{name:<36} {precision:>9} {ms:>9.2f} {rows[-1]['tflops']:>8.3g} {_ratios(versus)} "
               f"{ms / (passes * floor):>8.1f} {_gib(memory):>9}")
 
     for precision in ("fp32", "bf16"):
@@ -474,8 +478,7 @@ def bench_train(args: argparse.Namespace) -> dict:
                       "ms_per_step": ms, "tflops": step_flops / ms / 1e9, "vs_plain_fp32": versus["fp32"],
                       "vs_plain_bf16": versus["bf16"], "x_floor": ms / (step_flops / peak * 1e3),
                       "peak_gpu_gib": memory})
-        shown = " ".join(f"{v:>7.2f}x" if v is not None else f"{'-':>8}" for v in versus.values())
-        print(f"{f'{name}, {precision}':<44} {ms:>9.2f} {step_flops / ms / 1e9:>8.3g} {shown} "
+        print(f"{f'{name}, {precision}':<44} {ms:>9.2f} {step_flops / ms / 1e9:>8.3g} {_ratios(versus)} "
               f"{ms / (step_flops / peak * 1e3):>8.1f} {_gib(memory):>9}")
     print("vs fp32 / vs bf16: how many times faster than the plain eager step (above 1 is faster)")
 
