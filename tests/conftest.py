@@ -1,8 +1,9 @@
-"""Shared fixtures: the ISBI 2012 and cell tracking challenge folders, a loopback HTTP server, a synthetic
-cell tracking data set, and deterministic torch on the CPU."""
+"""Shared fixtures: the ISBI 2012 and cell tracking challenge folders, the ISBI metrics oracle, a loopback
+HTTP server, a synthetic cell tracking data set, and deterministic torch on the CPU."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import http.server
 import os
 import threading
@@ -47,6 +48,23 @@ def isbi(isbi_dir):
     from ronneberger2015.data import load_isbi
 
     return load_isbi(isbi_dir)
+
+
+@pytest.fixture(scope="session")
+def metrics_oracle() -> Path:
+    """Proposals and truth with what the ISBI 2012 challenge's own evaluation code gives for them (its
+    README). Skips only when ``METRICS_ORACLE_DIR`` is not set; fails when it is set but a file listed in
+    its ``SHA256SUMS`` is missing or differs."""
+    configured = os.environ.get("METRICS_ORACLE_DIR")
+    if not configured:
+        pytest.skip("ISBI metrics oracle not found: set METRICS_ORACLE_DIR to its folder")
+    directory = Path(configured)
+    assert (directory / "SHA256SUMS").is_file(), f"METRICS_ORACLE_DIR={configured} lacks SHA256SUMS"
+    for line in (directory / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split()
+        assert (directory / name).is_file(), f"METRICS_ORACLE_DIR={configured} lacks {name}"
+        assert hashlib.sha256((directory / name).read_bytes()).hexdigest() == digest, f"{name} differs from SHA256SUMS"
+    return directory
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """ISBI 2012 metrics: hand-computed toy cases, the challenge's own numbers, digital topology,
 thresholds, a literal Vincent-Soille watershed, and skimage cross-checks."""
+import itertools
 import json
 from collections import deque
 
@@ -10,6 +11,7 @@ from scipy import ndimage
 from skimage.measure import label
 from skimage.metrics import adapted_rand_error, variation_of_information
 
+from ronneberger2015 import metrics
 from ronneberger2015.__main__ import main
 from ronneberger2015.metrics import (
     NEIGHBOURS,
@@ -378,6 +380,35 @@ def test_priorities_are_float32_and_optionally_quantised():
         assert table.thresholds[5] == 0.5 and table.counts["splits"][5, 0] == splits, (step, quantum)
 
 
+# What the challenge's own evaluation code printed for the oracle's three proposals (its README), as
+# printed: each value must agree to half a unit of its last digit, the split counts exactly.
+CHALLENGE = {
+    "dilated-membranes": dict(warping_error="0.000139872", rand_error="0.049022762", pixel_error="0.044366427",
+                              vrand="0.9990286", vinfo="0.9986284", splits=110),
+    "extra-lines": dict(warping_error="0.000389099", rand_error="0.029737337", pixel_error="0.008881646",
+                        vrand="0.98715217", vinfo="0.98953625", splits=306),
+    "blurred-noise": dict(warping_error="0.0024236", rand_error="0.025798228", pixel_error="0.031612933",
+                          vrand="0.99006466", vinfo="0.98604736"),
+}
+
+
+@pytest.mark.parametrize("proposal", CHALLENGE)
+def test_all_five_metrics_agree_with_the_challenges_own_code(metrics_oracle, proposal):
+    """ISBI training slices 0, 7 and 29: membranes dilated, cut by extra lines, and blurred with noise
+    (a real probability map's thin, noisy and touching borders), scored by the challenge's Fiji classes."""
+    truth = tifffile.imread(metrics_oracle / "truth.tif")
+    tables = sweeps(tifffile.imread(metrics_oracle / f"{proposal}.tif"), truth)
+    expected = dict(CHALLENGE[proposal])
+    splits = expected.pop("splits", None)
+    for name, printed in expected.items():
+        decimals = len(printed.split(".")[1])
+        assert abs(tables[name].value - float(printed)) <= 0.5 * 10.0 ** -decimals + 1e-15, name
+    warping = tables["warping_error"]
+    if splits is not None:
+        assert warping.counts["splits"][warping.best].sum() == splits
+        assert warping.counts["mergers"][warping.best].sum() == 0
+
+
 def test_challenge_oracle_isbi_constant_map(isbi):
     """Training labels 20-29 against a constant 0.5 map: the challenge gives 0.002108 (5526 splits)
     and V_info 0. From th = 0.5 on the target is empty and all priorities equal, so one warp per
@@ -389,113 +420,104 @@ def test_challenge_oracle_isbi_constant_map(isbi):
     assert vinfo(np.full(truth.shape, 0.5), truth) == 0
 
 
-def _vincent_soille(image):
-    """Vincent & Soille (1991), the immersion algorithm's pseudo-code line by line: 4-connected,
-    pixels scanned in column-major order, neighbours inspected left, up, right, down; WSHED = 0."""
-    init, mask, wshed, fictitious = -1, -2, 0, None
-    height, width = image.shape
-    scan = [(y, x) for x in range(width) for y in range(height)]
-    lab = {p: init for p in scan}
-    dist = {p: 0 for p in scan}
+def _flooding(mask, order=((0, -1), (-1, 0), (0, 1), (1, 0))):
+    """The challenge's thinning as a queue, line by line (docs/metrics.md): markers are the 4-connected
+    components of ``mask``; the queue starts with the border pixels next to a marker in column-major
+    order; a dequeued pixel takes the one label among its labelled 4-neighbours, else it is a dam (0),
+    and queues its neighbours that were never queued, visited in ``order``. No marker: one segment."""
+    height, width = mask.shape
+    labels = ndimage.label(mask.T, ndimage.generate_binary_structure(2, 1))[0].T
+    if not mask.any():
+        return np.ones(mask.shape, int)
+    queued = mask.copy()
 
-    def neighbours(p):
-        return [(p[0] + dy, p[1] + dx) for dy, dx in ((0, -1), (-1, 0), (0, 1), (1, 0))
-                if (p[0] + dy, p[1] + dx) in lab]
+    def neighbours(y, x):
+        return [(y + dy, x + dx) for dy, dx in order if 0 <= y + dy < height and 0 <= x + dx < width]
 
-    current_label, queue = 0, deque()
-    for h in sorted(set(image.ravel().tolist())):
-        level = [p for p in scan if image[p] == h]
-        for p in level:
-            lab[p] = mask
-            if any(lab[q] > 0 or lab[q] == wshed for q in neighbours(p)):
-                dist[p] = 1
-                queue.append(p)
-        current_distance = 1
-        queue.append(fictitious)
-        while True:
-            p = queue.popleft()
-            if p is fictitious:
-                if not queue:
-                    break
-                queue.append(fictitious)
-                current_distance += 1
-                p = queue.popleft()
-            for q in neighbours(p):
-                if dist[q] < current_distance and (lab[q] > 0 or lab[q] == wshed):
-                    if lab[q] > 0:
-                        if lab[p] == mask or lab[p] == wshed:
-                            lab[p] = lab[q]
-                        elif lab[p] != lab[q]:
-                            lab[p] = wshed
-                    elif lab[p] == mask:
-                        lab[p] = wshed
-                elif lab[q] == mask and dist[q] == 0:
-                    dist[q] = current_distance + 1
-                    queue.append(q)
-        for p in level:
-            dist[p] = 0
-            if lab[p] == mask:
-                current_label += 1
-                queue.append(p)
-                lab[p] = current_label
-                while queue:
-                    for q in neighbours(queue.popleft()):
-                        if lab[q] == mask:
-                            queue.append(q)
-                            lab[q] = current_label
-    labels = np.zeros(image.shape, int)
-    for p in scan:
-        labels[p] = lab[p]
+    queue = deque()
+    for x in range(width):
+        for y in range(height):
+            if not mask[y, x] and any(mask[q] for q in neighbours(y, x)):
+                queue.append((y, x))
+                queued[y, x] = True
+    while queue:
+        p = queue.popleft()
+        found = {labels[q] for q in neighbours(*p) if labels[q] > 0}
+        labels[p] = found.pop() if len(found) == 1 else 0
+        for q in neighbours(*p):
+            if not queued[q]:
+                queue.append(q)
+                queued[q] = True
     return labels
 
 
 def test_thinning_is_the_literal_flooding(isbi):
+    """thin() against the queue on random masks, smooth blobs and noisy crops of ISBI labels; the order
+    in which a pixel queues its neighbours changes no segment (every fourth of the 24 orders)."""
     rng = np.random.default_rng(3)
     masks = [rng.random(rng.integers(1, 15, 2)) < rng.uniform(0.05, 0.7) for _ in range(150)]
     masks += [ndimage.gaussian_filter(rng.random((20, 20)), 1) > 0.5 for _ in range(50)]
     crop = isbi.train_labels[20, :96, :96] > 0
     masks += [ndimage.gaussian_filter(crop.astype(float), 2) + 0.3 * rng.standard_normal(crop.shape) > th
               for th in (0.3, 0.6)]
+    orders = list(itertools.permutations(((0, -1), (-1, 0), (0, 1), (1, 0))))[::4]
     dams = 0
-    for mask in masks:
-        expected = _vincent_soille(np.where(mask, 0, 255))
+    for k, mask in enumerate(masks):
+        expected = _flooding(mask)
         assert np.array_equal(thin(mask), expected)
+        if k % 10 == 0:
+            assert all(np.array_equal(_flooding(mask, order), expected) for order in orders)
         dams += np.count_nonzero(expected[~mask] == 0)
     assert dams > 500
 
 
-def test_thinning_leaves_one_pixel_dams():
+def test_thinning_rules_on_hand_checked_masks():
     mask = np.zeros((5, 9), bool)
-    mask[:, :3] = mask[:, 6:] = True  # a border three pixels wide: its middle is reached from both sides at once
+    mask[:, :3] = mask[:, 6:] = True  # a border three pixels wide: its middle is reached from both sides
     segments = thin(mask)
     assert (segments[:, :4] == 1).all() and (segments[:, 4] == 0).all() and (segments[:, 5:] == 2).all()
-    mask[:, 5] = True  # two pixels wide: each side takes one column, no dam
-    assert thin(mask)[:, 3].tolist() == [1] * 5 and thin(mask)[:, 4].tolist() == [2] * 5
-    # neighbours left, up, right, down: 1, then 2 makes a dam, then 1 again takes the dam back
-    # (the classic algorithm relabels a dam from a later basin neighbour)
-    mask = np.array([[0, 1, 0], [1, 0, 1], [1, 1, 1]], bool)
-    assert thin(mask).tolist() == [[0, 2, 0], [1, 1, 1], [1, 1, 1]]
-    assert thin(np.zeros((4, 4), bool)).tolist() == [[1] * 4] * 4  # no interior: one segment
+    mask[:, 5] = True  # two pixels wide: the left column is dequeued first and joins 1, the right is a dam
+    assert thin(mask)[:, 3].tolist() == [1] * 5 and thin(mask)[:, 4].tolist() == [0] * 5
+    # Column-major order: (2, 0), (0, 1), (1, 1), (2, 2) are dequeued in this order; the corner (0, 0)
+    # comes after (1, 0) has joined 1 and (0, 1) has joined 2: a dam. Row-major order would join it to 2.
+    mask = np.array([[0, 0, 1], [0, 0, 1], [0, 1, 0]], bool)
+    assert thin(mask).tolist() == [[0, 2, 2], [1, 0, 2], [1, 1, 0]]
+    # Dams queue their neighbours: (1, 1) is a dam and queues (1, 2) before (2, 1) queues (2, 2), so
+    # (1, 2) joins 2 and (2, 2) is a dam; if dams queued nothing, (2, 2) would join 1 and (1, 2) be the dam.
+    mask = np.array([[0, 1, 0], [1, 0, 0], [1, 0, 0]], bool)
+    assert thin(mask).tolist() == [[0, 2, 2], [1, 0, 2], [1, 1, 0]]
+    # So does a pixel with no labelled neighbour: (2, 2) meets only the dams (2, 1) and (1, 2), is a dam
+    # itself and queues (2, 3) before (3, 2) queues (3, 3); so (2, 3) joins 3 and (3, 3) is the dam. If
+    # it queued nothing, (3, 3) would join 1 and (2, 3) be the dam.
+    mask = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]], bool)
+    assert thin(mask).tolist() == [[0, 0, 3, 3], [0, 2, 0, 3], [1, 0, 0, 3], [1, 1, 1, 0]]
+    one = np.zeros((4, 4), bool)
+    one[1, 2] = True
+    assert thin(one).tolist() == [[1] * 4] * 4  # one marker: nothing can disagree with it
+    assert thin(np.zeros((4, 4), bool)).tolist() == [[1] * 4] * 4  # no marker: one segment
     assert thin(np.ones((3, 3), bool)).tolist() == [[1] * 3] * 3
 
 
 def test_vinfo_conventions():
     """Per slice P = I / H(A), R = I / H(B); H(A) = 0 sets P = 0, R = 1, then H(B) = 0 sets
     P = 1, R = 0: F = 0 wherever either side is a single segment, identical partitions
-    included. P + R = 0 is NaN, and the maximum over thresholds skips it."""
-    one_cell = np.ones((3, 4), np.uint8)
-    halves = np.tile([1.0, 0.4, 0.4, 1.0], (3, 1))  # from 0.4 on a 2-wide border: two segments, no dam
-    assert vinfo(np.ones((3, 4)), one_cell) == 0  # both sides one segment
+    included. P + R = 0 would be NaN, which the maximum over thresholds skips; after the
+    thinning it cannot occur (docs/metrics.md)."""
+    one_cell = np.ones((3, 3), np.uint8)
+    halves = np.tile([1.0, 0.4, 1.0], (3, 1))  # from 0.4 on: segments left and right, a dam between
+    assert vinfo(np.ones((3, 3)), one_cell) == 0  # both sides one segment
     table = sweep("vinfo", halves, one_cell)
     assert table.values.tolist() == [0.0] * 11  # H(A) = 0 (H(B) = 0 too below 0.4)
-    # truth rows 0 and 2 against proposal columns 0-1 and 2-3: each segment holds half of each
-    # object, I = 0 and P + R = 0 from 0.4 on; below, one segment: F = 0
-    rows = np.array([[1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1]], np.uint8)
+    # truth rows 0 and 2 (n = 6) against the left and right columns and the dams (0, 1), (2, 1): every
+    # joint cell holds 1/6, so H(A, B) = ln 6, H(A) = ln 2, H(B) = 2/3 ln 3 + 1/3 ln 6, I = 1/3 ln 2
+    rows = np.array([[1, 1, 1], [0, 0, 0], [1, 1, 1]], np.uint8)
     table = sweep("vinfo", halves, rows)
-    value = table.value
-    assert table.values[:4].tolist() == [0.0] * 4 and np.isnan(table.values[4:]).all()
-    assert value == 0 and table.threshold == 0
-    assert np.isnan(vinfo((halves > 0.5).astype(float), rows))  # NaN at every threshold: NaN
+    h_b = 2 / 3 * np.log(3) + 1 / 3 * np.log(6)
+    assert table.values[:4].tolist() == [0.0] * 4  # below 0.4: one segment
+    assert table.values[4:] == pytest.approx([2 / 3 * np.log(2) / (np.log(2) + h_b)] * 7, abs=1e-15)
+    assert table.threshold == SWEEP[4]
+    scores = metrics._macro_score(SWEEP[:2], np.array([[np.nan], [0.5]]), {})
+    assert scores.value == 0.5 and np.isnan(metrics._macro_score(SWEEP[:1], np.array([[np.nan]]), {}).value)
 
 
 def _singletons(segments):
