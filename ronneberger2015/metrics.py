@@ -326,10 +326,11 @@ def thin(mask: np.ndarray) -> np.ndarray:
         distance[layer] = d
         rank[layer] = np.arange(layer.size)
         around = layer + steps
-        previous = np.where(distance[around] == d - 1, labels[around], 0)
+        near = distance[around]
+        previous = np.where(near == d - 1, labels[around], 0)
         labels[layer] = _one_label(previous)
-        earlier = (distance[around] == d) & (rank[around] < rank[layer])
-        later = (distance[around] == d) & (rank[around] > rank[layer])
+        order = rank[around] - rank[layer]  # < 0: dequeued before the pixel
+        earlier, later = (near == d) & (order < 0), (near == d) & (order > 0)
         todo = np.flatnonzero(earlier.any(axis=0))  # positions in the layer whose label may still change
         while todo.size:  # until no label changes; only a changed label's later neighbours can change next
             same = np.where(earlier[:, todo], labels[around[:, todo]], 0)
@@ -337,8 +338,7 @@ def thin(mask: np.ndarray) -> np.ndarray:
             changed = todo[again != labels[layer[todo]]]
             labels[layer[todo]] = again
             todo = np.unique(rank[around[:, changed][later[:, changed]]])
-        queued = around.T.ravel()  # the next layer: each pixel queued by its first queueing neighbour
-        queued = queued[distance[queued] == -1]
+        queued = around.T[near.T == -1]  # the next layer: each pixel queued by its first queueing neighbour
         layer, d = queued[np.sort(np.unique(queued, return_index=True)[1])], d + 1
     return labels.reshape(height + 2, width + 2)[1:-1, 1:-1]
 
