@@ -425,10 +425,10 @@ def _flooding(mask, order=((0, -1), (-1, 0), (0, 1), (1, 0))):
     components of ``mask``; the queue starts with the border pixels next to a marker in column-major
     order; a dequeued pixel takes the one label among its labelled 4-neighbours, else it is a dam (0),
     and queues its neighbours that were never queued, visited in ``order``. No marker: one segment."""
-    height, width = mask.shape
-    labels = ndimage.label(mask.T, ndimage.generate_binary_structure(2, 1))[0].T
     if not mask.any():
         return np.ones(mask.shape, int)
+    height, width = mask.shape
+    labels = ndimage.label(mask.T, ndimage.generate_binary_structure(2, 1))[0].T
     queued = mask.copy()
 
     def neighbours(y, x):
